@@ -1,0 +1,196 @@
+"""Stage 1: train a network, then fine-tune only the chosen parameters and save K checkpoints.
+
+    pdiff collect task=digits task.param.k=200
+    accelerate launch -m pdiff.collect task=fashion_mnist     # every rank collects its own trajectory
+
+Following p-diff, the base network is trained fully, then only the selected parameters (e.g. the last
+BN layers) are trained further and one checkpoint is kept per `save_every` steps. The fine-tuning runs
+with the network in eval mode: batch-norm running statistics stay those of the base network, so the
+frozen base weights plus one parameter vector rebuild exactly the network that was evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batched import evaluate_vectors
+from .config import load_config, to_dict
+from .dataset import ParameterDataset, check_output_dir
+from .params import ParameterLayout, select_parameters
+from .tasks import Task
+from .tasks.data import Split
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR augmentation on a batch: random crop after zero padding, random horizontal flip."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def _batches(split: Split, batch_size: int, generator: torch.Generator):
+    """Endless shuffled mini-batches (epoch after epoch) of a split that already sits on the device."""
+    batch_size = min(batch_size, len(split))
+    while True:
+        order = torch.randperm(len(split), generator=generator).to(split.labels.device)
+        for lo in range(0, len(split) - batch_size + 1, batch_size):  # the last partial batch is dropped
+            idx = order[lo : lo + batch_size]
+            yield split.images[idx], split.labels[idx]
+
+
+def train_base_network(net: nn.Module, task: Task, device: torch.device, seed: int, show_progress: bool) -> None:
+    """Train all parameters of `net` with the task's `base` recipe (AdamW + cosine schedule)."""
+    cfg, data = task.config["base"], task.data
+    train = data.train.to(device)
+    steps_per_epoch = max(1, len(train) // int(cfg["batch_size"]))
+    total = int(cfg["epochs"]) * steps_per_epoch
+    opt = torch.optim.AdamW(net.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    schedule = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=total)
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(train, int(cfg["batch_size"]), generator)
+    net.train()
+    for _ in tqdm(range(total), desc="base network", disable=not show_progress, leave=False):
+        images, labels = next(batches)
+        x = data.prepare(images)
+        if cfg.get("augment"):
+            x = random_crop_flip(x, generator)
+        loss = F.cross_entropy(net(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    net.eval()
+
+
+def collect_trajectory(net: nn.Module, layout: ParameterLayout, task: Task, k: int, seed: int, device: torch.device, show_progress: bool) -> tuple[torch.Tensor, list[int]]:
+    """Fine-tune only the layout's parameters and return K snapshots [K, D] with their step numbers."""
+    cfg, data = task.config["param"], task.data
+    train = data.train.to(device)
+    params = dict(net.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(name in layout.names)
+    net.eval()  # frozen BN statistics: see the module docstring
+    opt = torch.optim.AdamW([params[n] for n in layout.names], lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    warmup, every = int(cfg.get("warmup_steps", 0)), int(cfg.get("save_every", 1))
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(train, int(cfg["batch_size"]), generator)
+    snapshots, steps = [], []
+    total = warmup + k * every
+    for step in tqdm(range(1, total + 1), desc=f"checkpoints (seed {seed})", disable=not show_progress, leave=False):
+        images, labels = next(batches)
+        x = data.prepare(images)
+        if task.config["base"].get("augment"):
+            x = random_crop_flip(x, generator)
+        loss = F.cross_entropy(net(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step > warmup and (step - warmup) % every == 0:
+            snapshots.append(layout.flatten(net).cpu())
+            steps.append(step)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return torch.stack(snapshots), steps
+
+
+def _share(total: int, rank: int, world: int) -> int:
+    """How many of `total` checkpoints rank `rank` collects (the first ranks take the remainder)."""
+    return total // world + (1 if rank < total % world else 0)
+
+
+def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> ParameterDataset | None:
+    """Run stage 1 for a composed config; returns the saved dataset on the main process, None elsewhere."""
+    accelerator = accelerator or Accelerator(cpu=bool(cfg.cpu))
+    task = Task(cfg.task)
+    k = int(cfg.task.param.k)
+    if k <= 0:
+        raise ValueError(f"task.param.k={k}: the number of checkpoints to collect must be positive")
+    if _share(k, accelerator.process_index, accelerator.num_processes) == 0:
+        raise ValueError(f"task.param.k={k} is smaller than the number of processes ({accelerator.num_processes})")
+    check_output_dir(cfg.dataset_dir, bool(cfg.overwrite))
+    started = time.perf_counter()
+    device, main = accelerator.device, accelerator.is_main_process
+
+    set_seed(int(cfg.seed))
+    net = task.build_network().to(device)
+    names = select_parameters(net, list(cfg.task.param.patterns))  # fail on a bad pattern before training
+    layout = ParameterLayout.from_module(net, names)
+    train_base_network(net, task, device, seed=int(cfg.seed), show_progress=main)
+    # Every rank trained the same base network; broadcasting makes it bit-identical even where
+    # accelerator kernels are not deterministic.
+    state = broadcast({n: t.detach().clone() for n, t in net.state_dict().items()}, from_process=0)
+    net.load_state_dict(state)
+    base_state = {n: t.detach().cpu().clone() for n, t in net.state_dict().items()}
+    base_seconds = time.perf_counter() - started
+
+    seed = int(cfg.seed) + 1 + accelerator.process_index
+    my_k = _share(k, accelerator.process_index, accelerator.num_processes)
+    vectors, steps = collect_trajectory(net, layout, task, my_k, seed, device, show_progress=main)
+    net.load_state_dict(state)  # evaluate on the untouched base weights
+
+    batch = int(task.config.get("eval", {}).get("batch_size", 1000))
+    scores = {split: evaluate_vectors(net, layout, vectors, task.data.split(split), task.data.prepare, batch_size=batch) for split in ("val", "test")}
+    rows = {"params": vectors, "step": steps, "seed": [seed] * my_k}
+    for split, s in scores.items():
+        rows[f"{split}_accuracy"], rows[f"{split}_loss"] = s.accuracy.tolist(), s.loss.tolist()
+    gathered = gather_object([rows])  # one dict per rank, in rank order
+    if not main:
+        accelerator.wait_for_everyone()
+        return None
+
+    vectors = torch.cat([r["params"] for r in gathered])
+    columns = {key: [v for r in gathered for v in r[key]] for key in gathered[0] if key != "params"}
+    info = {
+        "num_processes": accelerator.num_processes,
+        "base_seconds": round(base_seconds, 3),
+        "collect_seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+    }
+    dataset = ParameterDataset.from_vectors(vectors, columns, layout, to_dict(cfg.task), base_state, info)
+    dataset.save_to_disk(cfg.dataset_dir, overwrite=bool(cfg.overwrite))
+    if cfg.hub.push_to_hub:
+        if not cfg.hub.dataset_id:
+            raise ValueError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
+        dataset.push_to_hub(cfg.hub.dataset_id, private=bool(cfg.hub.private))
+    accelerator.wait_for_everyone()
+    return dataset
+
+
+def summarize(dataset: ParameterDataset) -> str:
+    acc = torch.tensor(dataset.column("test_accuracy"))
+    val = torch.tensor(dataset.column("val_accuracy"))
+    return (
+        f"{len(dataset)} checkpoints x {dataset.dim} parameters ({len(dataset.layout.names)} tensors), "
+        f"collected in {dataset.info.get('collect_seconds', float('nan')):.1f} s on {dataset.info.get('num_processes', 1)} process(es)\n"
+        f"val accuracy  min {val.min():.4f}  median {val.median():.4f}  max {val.max():.4f}\n"
+        f"test accuracy min {acc.min():.4f}  median {acc.median():.4f}  max {acc.max():.4f}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    dataset = collect(cfg)
+    if dataset is not None:
+        print(f"saved {cfg.dataset_dir}\n{summarize(dataset)}")
+
+
+if __name__ == "__main__":
+    main()

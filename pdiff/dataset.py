@@ -1,0 +1,277 @@
+"""Parameter datasets: K checkpoints of a network's chosen parameters, as a Hugging Face dataset.
+
+On disk a parameter dataset is one folder that alone rebuilds working networks:
+
+    <dir>/data-*.arrow, dataset_info.json, state.json   `Dataset.save_to_disk`: one row per checkpoint
+    <dir>/pdiff_dataset.json                             layout (names, shapes, offsets) + resolved task config
+    <dir>/base_model.safetensors                         the frozen weights of the rest of the network
+
+On the Hub the rows are Parquet under `data/`, beside the same two files and a dataset card, so that
+`datasets.load_dataset(repo_id)` reads the rows and `ParameterDataset.from_pretrained` reads it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import datasets
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .params import LayoutMismatchError, ParameterLayout
+from .tasks import Task
+
+METADATA_FILE = "pdiff_dataset.json"
+BASE_WEIGHTS_FILE = "base_model.safetensors"
+FORMAT_VERSION = 1
+METRIC_COLUMNS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+
+
+class InvalidParameterDatasetError(ValueError):
+    """A parameter dataset that is incomplete, corrupt or does not fit its task."""
+
+
+def parameter_features(dim: int) -> datasets.Features:
+    return datasets.Features(
+        {
+            "params": datasets.List(datasets.Value("float32"), length=dim),
+            "step": datasets.Value("int64"),
+            "seed": datasets.Value("int64"),
+            **{name: datasets.Value("float64") for name in METRIC_COLUMNS},
+        }
+    )
+
+
+class ParameterDataset:
+    """Rows of flat parameter vectors plus what is needed to turn each one back into a network."""
+
+    def __init__(self, rows: datasets.Dataset, layout: ParameterLayout, task_config: Mapping[str, Any], base_state: Mapping[str, torch.Tensor], info: Mapping[str, Any] | None = None):
+        self.rows = rows
+        self.layout = layout
+        self.task_config = dict(task_config)
+        self.base_state = dict(base_state)
+        self.info = dict(info or {})
+        feature = rows.features.get("params")
+        if feature is None or getattr(feature, "length", None) != layout.dim:
+            raise InvalidParameterDatasetError(
+                f"the `params` column has length {getattr(feature, 'length', None)} but the layout needs {layout.dim}"
+            )
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_vectors(cls, vectors: torch.Tensor, columns: Mapping[str, Sequence], layout: ParameterLayout, task_config: Mapping[str, Any], base_state: Mapping[str, torch.Tensor], info: Mapping[str, Any] | None = None) -> "ParameterDataset":
+        layout.check_vectors(vectors)
+        data = {"params": vectors.detach().cpu().to(torch.float32).numpy()}
+        for name in parameter_features(layout.dim):
+            if name != "params":
+                data[name] = list(columns[name])
+        rows = datasets.Dataset.from_dict(data, features=parameter_features(layout.dim))
+        return cls(rows, layout, task_config, base_state, info)
+
+    # -- access ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """All K vectors as one float32 tensor [K, D], exactly the stored values."""
+        table = self.rows.with_format("numpy")["params"]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(table, dtype=np.float32)).reshape(len(self), self.dim))
+
+    def column(self, name: str) -> np.ndarray:
+        return np.asarray(self.rows[name])
+
+    @property
+    def task(self) -> Task:
+        return Task(self.task_config)
+
+    def build_network(self, index: int | None = None, vector: torch.Tensor | None = None, task: Task | None = None) -> torch.nn.Module:
+        """The network of row `index` (or of any `vector` in this layout), in eval mode, on the CPU."""
+        if vector is None:
+            vector = self.vectors[index]
+        return (task or self.task).build_network(self.base_state, self.layout, vector)
+
+    def validate(self) -> None:
+        """Raise if any vector holds NaN or Inf: a generator trained on them would learn garbage."""
+        vectors = self.vectors
+        bad = ~torch.isfinite(vectors)
+        if bad.any():
+            rows = torch.nonzero(bad.any(1)).flatten().tolist()
+            raise InvalidParameterDatasetError(
+                f"{len(rows)} of {len(self)} parameter vectors contain NaN or Inf (rows {rows[:10]}"
+                f"{', ...' if len(rows) > 10 else ''}); drop them (`rows.filter`) or collect again"
+            )
+
+    def check_task(self, task: Task) -> None:
+        """Raise if this dataset's layout does not fit the task's network."""
+        try:
+            self.layout.check_module(task.build_network())
+        except LayoutMismatchError as err:
+            raise InvalidParameterDatasetError(
+                f"this parameter dataset (task {self.task_config.get('name')!r}, D={self.dim}) does not fit task "
+                f"{task.name!r}: {err}. Train with the task the dataset was collected on."
+            ) from err
+
+    # -- saving ---------------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "layout": self.layout.to_dict(), "task": self.task_config, "info": self.info}
+
+    def _write_sidecars(self, folder: Path) -> None:
+        (folder / METADATA_FILE).write_text(json.dumps(self._metadata(), indent=2))
+        save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(folder / BASE_WEIGHTS_FILE))
+
+    def save_to_disk(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the dataset folder atomically: it appears under `path` complete, or not at all."""
+        with atomic_directory(path, overwrite) as tmp:
+            self.rows.save_to_disk(str(tmp))
+            self._write_sidecars(tmp)
+        return Path(path)
+
+    def save_for_hub(self, folder: str | os.PathLike) -> Path:
+        """Lay out the Hub repository: Parquet rows, layout/task JSON, base weights, dataset card."""
+        folder = Path(folder)
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        self.rows.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+        self._write_sidecars(folder)
+        self.dataset_card().save(folder / "README.md")
+        return folder
+
+    def dataset_card(self):
+        from huggingface_hub import DatasetCard
+
+        acc = self.column("test_accuracy")
+        name = self.task_config.get("name")
+        header = {
+            "tags": ["pdiff", "parameter-generation", "neural-network-diffusion"],
+            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+        }
+        body = f"""# pdiff parameter dataset: {name}
+
+{len(self)} checkpoints of {self.dim} parameters ({', '.join(self.layout.names)}) of a `{self.task_config['network']['name']}`
+trained on `{name}`, collected with pdiff (Neural Network Diffusion, arXiv 2402.13144).
+
+| | min | median | max |
+|---|---|---|---|
+| test accuracy | {acc.min():.4f} | {np.median(acc):.4f} | {acc.max():.4f} |
+
+Files: `data/*.parquet` (one row per checkpoint: `params`, `step`, `seed`, validation/test accuracy and loss),
+`{METADATA_FILE}` (parameter layout and the task config), `{BASE_WEIGHTS_FILE}` (the frozen rest of the network).
+
+```python
+from pdiff import ParameterDataset
+ds = ParameterDataset.from_pretrained("<this repo>")
+net = ds.build_network(0)  # a ready torch.nn.Module
+```
+"""
+        import yaml
+
+        return DatasetCard(f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n{body}")
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str = "Upload pdiff parameter dataset") -> str:
+        """Create the dataset repo and upload rows, sidecars and card in one commit; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_for_hub(tmp)
+            info = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=tmp, commit_message=commit_message)
+        return str(info)
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, revision: str | None = None, token: str | None = None) -> "ParameterDataset":
+        """Load from a folder written by `save_to_disk` / `save_for_hub`, or from a Hub dataset repo."""
+        folder = Path(path_or_repo)
+        if not folder.exists():
+            folder = Path(_download(str(path_or_repo), revision, token))
+        return cls._load_folder(folder)
+
+    load = from_pretrained
+
+    @classmethod
+    def _load_folder(cls, folder: Path) -> "ParameterDataset":
+        meta_path = folder / METADATA_FILE
+        if not meta_path.exists():
+            raise InvalidParameterDatasetError(
+                f"{folder} is not a pdiff parameter dataset: {METADATA_FILE} is missing. Create one with `pdiff collect`."
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InvalidParameterDatasetError(f"{folder}: format version {meta.get('format_version')} is not {FORMAT_VERSION}; upgrade pdiff")
+        if (folder / "state.json").exists():
+            rows = datasets.load_from_disk(str(folder))
+        else:
+            files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
+            if not files:
+                raise InvalidParameterDatasetError(f"{folder} holds no rows (no state.json, no data/*.parquet)")
+            rows = datasets.Dataset.from_parquet(files)
+        weights = folder / BASE_WEIGHTS_FILE
+        if not weights.exists():
+            raise InvalidParameterDatasetError(f"{folder}: {BASE_WEIGHTS_FILE} is missing, so no network can be rebuilt")
+        try:
+            base_state = load_file(str(weights))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise InvalidParameterDatasetError(f"{weights} is not a valid safetensors file ({err})") from err
+        return cls(rows, ParameterLayout.from_dict(meta["layout"]), meta["task"], base_state, meta.get("info"))
+
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "*.parquet", "*.arrow", "README.md"])
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder nor a dataset in the Hugging Face cache, and the Hub could not be "
+            f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online, or pass a folder."
+        ) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(f"no parameter dataset {repo_id!r} (revision {revision or 'main'}) on the Hub: {err}") from err
+
+
+def dataset_exists(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA_FILE).exists() or (Path(path) / "state.json").exists()
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "parameter dataset") -> None:
+    """Refuse, before any work is done, to write where something already lives unless told to overwrite."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} already holds a {what} (or other files); pass overwrite=true to replace it, or choose another directory")
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed.
+
+    An interrupted write therefore never leaves a folder under the final name that looks complete.
+    """
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
