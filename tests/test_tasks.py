@@ -1,0 +1,143 @@
+"""Tasks: data with fixed train/val/test splits, the networks, and a network rebuilt from a vector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pdiff.tasks.data as task_data
+from pdiff.config import load_config, to_dict
+from pdiff.params import LayoutMismatchError, ParameterLayout, select_parameters
+from pdiff.tasks import DataNotFoundError, ResNet18CIFAR, SmallCNN, Task, load_data
+from pdiff.tasks.networks import build_network
+
+FASHION_CFG = {"source": "torchvision", "name": "FashionMNIST", "root": None, "download": "never", "val_size": 5000, "split_seed": 0}
+
+
+def test_digits_splits_are_fixed_disjoint_and_normalised():
+    cfg = to_dict(load_config(["task=digits"]).task)
+    data = load_data(cfg["data"])
+    assert (len(data.train), len(data.val), len(data.test)) == (1797 - 360 - 360, 360, 360)
+    assert data.image_shape == (1, 8, 8) and data.num_classes == 10
+    assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
+    # Normalisation statistics come from the training split only.
+    x = data.prepare(data.train.images)
+    assert x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-2
+    # The same config gives the same split every time (generators are selected on val, reported on test).
+    again = load_data(cfg["data"])
+    for name in ("train", "val", "test"):
+        assert torch.equal(again.split(name).images, data.split(name).images)
+        assert torch.equal(again.split(name).labels, data.split(name).labels)
+    # val and test are different examples: the splits partition the 1,797 images.
+    from sklearn.datasets import load_digits
+
+    total = np.sort(np.concatenate([data.split(s).labels.numpy() for s in ("train", "val", "test")]))
+    assert np.array_equal(total, np.sort(load_digits().target))
+    with pytest.raises(ValueError, match="unknown split"):
+        data.split("validation")
+
+
+@pytest.mark.skipif(not task_data.DEBIAN_FASHION_MNIST.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_loads_offline_from_debian_files(tmp_path):
+    data = load_data({**FASHION_CFG, "root": str(tmp_path)})
+    assert (len(data.train), len(data.val), len(data.test)) == (55000, 5000, 10000)
+    assert data.image_shape == (1, 28, 28) and data.num_classes == 10
+    assert data.train.images.dtype == torch.uint8
+    assert torch.bincount(data.test.labels).tolist() == [1000] * 10
+    # Staged where torchvision looks for them, under their real names only once complete.
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+
+
+def test_missing_fashion_mnist_offline_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(task_data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    with pytest.raises(DataNotFoundError) as info:
+        load_data({**FASHION_CFG, "root": str(tmp_path / "empty")})
+    message = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert str(tmp_path / "empty" / "FashionMNIST" / "raw") in message
+    assert isinstance(info.value, FileNotFoundError)  # the CLI turns it into a one-line error
+
+
+def test_fake_cifar_data_has_cifar_shape():
+    cfg = to_dict(load_config(["task=fake_cifar_resnet18"]).task)
+    data = load_data({**cfg["data"], "train_size": 64, "val_size": 16, "test_size": 32})
+    assert data.image_shape == (3, 32, 32) and data.num_classes == 10
+    assert (len(data.train), len(data.val), len(data.test)) == (48, 16, 32)
+    assert data.mean.shape == (3,)
+
+
+def test_local_image_folder_through_load_dataset(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 3)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "image_size": 8})
+    assert (len(data.train), len(data.val), len(data.test)) == (16, 4, 6)
+    assert data.image_shape == (3, 8, 8) and data.num_classes == 2
+    assert sorted(data.test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="test_split"):
+        load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "test_split": "validation"})
+
+
+def test_bad_data_and_network_configs_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown data source 'ftp'"):
+        load_data({"source": "ftp"})
+    with pytest.raises(ValueError, match="unsupported torchvision dataset"):
+        load_data({**FASHION_CFG, "name": "ImageNet"})
+    with pytest.raises(ValueError, match="val_size"):
+        load_data({"source": "digits", "test_size": 360, "val_size": 5000})
+    with pytest.raises(ValueError, match="unknown network 'vgg'"):
+        build_network({"name": "vgg"}, in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="missing `param`"):
+        Task({"name": "x", "data": {}, "network": {}})
+
+
+def test_resnet18_cifar_matches_torchvision_names():
+    import torchvision
+
+    ours = ResNet18CIFAR(in_channels=3, num_classes=10)
+    theirs = torchvision.models.resnet18(num_classes=10)
+    ours_shapes = {n: tuple(p.shape) for n, p in ours.state_dict().items()}
+    theirs_shapes = {n: tuple(p.shape) for n, p in theirs.state_dict().items()}
+    assert ours_shapes.keys() == theirs_shapes.keys()
+    assert ours_shapes["conv1.weight"] == (64, 3, 3, 3)  # CIFAR stem: 3x3, no max-pool
+    assert all(ours_shapes[n] == theirs_shapes[n] for n in ours_shapes if n != "conv1.weight")
+    assert ours(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # Batched evaluation shares everything before the first generated stage.
+    assert ours.stage_names[ours.first_stage_holding(["layer4.1.bn1.weight"])] == "layer4.1"
+
+
+def test_task_builds_a_network_from_base_weights_and_a_vector():
+    task = Task(load_config(["task=digits"]).task)
+    torch.manual_seed(0)
+    base = task.build_network()
+    assert isinstance(base, SmallCNN) and not base.training
+    layout = ParameterLayout.from_module(base, select_parameters(base, task.config["param"]["patterns"]))
+    vector = torch.randn(layout.dim)
+    net = task.build_network(base.state_dict(), layout, vector)
+    assert not net.training
+    assert torch.equal(layout.flatten(net), vector)
+    frozen = {n: t for n, t in base.state_dict().items() if n not in layout.names}
+    for name, value in net.state_dict().items():
+        if name in frozen:
+            assert torch.equal(value, frozen[name])
+    x = task.data.prepare(task.data.val.images[:4])
+    assert net(x).shape == (4, 10)
+    with pytest.raises(ValueError, match="layout"):
+        task.build_network(base.state_dict(), None, vector)
+    with pytest.raises(LayoutMismatchError):
+        task.build_network(base.state_dict(), layout, vector[:-1])
+    with pytest.raises(RuntimeError):  # base weights of another network
+        task.build_network(SmallCNN(1, 10, widths=(8, 16, 32)).state_dict())
