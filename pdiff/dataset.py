@@ -229,7 +229,7 @@ net = ds.build_network(0)  # a ready torch.nn.Module
 
 def _download(repo_id: str, revision: str | None, token: str | None) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "*.parquet", "*.arrow", "README.md"])
@@ -240,6 +240,8 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> str:
         ) from err
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(f"no parameter dataset {repo_id!r} (revision {revision or 'main'}) on the Hub: {err}") from err
+    except HFValidationError as err:  # e.g. a mistyped local path such as outputs/digits/params
+        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (<user>/<name>)") from err
 
 
 def dataset_exists(path: str | os.PathLike) -> bool:
