@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -135,10 +136,16 @@ def _stage_debian_fashion_mnist(root: Path) -> None:
     for n in names:
         src = DEBIAN_FASHION_MNIST / f"{n}.gz"
         if src.exists() and not (raw / n).exists():
-            tmp = raw / f".{n}.partial"
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            tmp.rename(raw / n)  # a half-unpacked file never carries the real name
+            # A private temporary name per process: under `accelerate launch` every rank stages at once.
+            fd, tmp = tempfile.mkstemp(prefix=f".{n}.", suffix=".partial", dir=raw)
+            os.fchmod(fd, 0o644)  # mkstemp makes it private; the data is not
+            try:
+                with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+                os.replace(tmp, raw / n)  # a half-unpacked file never carries the real name
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def _missing_data_message(name: str, root: Path) -> str:
