@@ -123,8 +123,10 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
     k = int(cfg.task.param.k)
     if k <= 0:
         raise ValueError(f"task.param.k={k}: the number of checkpoints to collect must be positive")
-    if _share(k, accelerator.process_index, accelerator.num_processes) == 0:
+    if k < accelerator.num_processes:  # checked on every rank alike, so none is left waiting for the others
         raise ValueError(f"task.param.k={k} is smaller than the number of processes ({accelerator.num_processes})")
+    if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
+        raise ValueError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
     check_output_dir(cfg.dataset_dir, bool(cfg.overwrite))
     started = time.perf_counter()
     device, main = accelerator.device, accelerator.is_main_process
@@ -167,8 +169,6 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
     dataset = ParameterDataset.from_vectors(vectors, columns, layout, to_dict(cfg.task), base_state, info)
     dataset.save_to_disk(cfg.dataset_dir, overwrite=bool(cfg.overwrite))
     if cfg.hub.push_to_hub:
-        if not cfg.hub.dataset_id:
-            raise ValueError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
         dataset.push_to_hub(cfg.hub.dataset_id, private=bool(cfg.hub.private))
     accelerator.wait_for_everyone()
     return dataset
