@@ -165,6 +165,8 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
         "base_seconds": round(base_seconds, 3),
         "collect_seconds": round(time.perf_counter() - started, 3),
         "device": str(device),
+        "in_channels": task.data.image_shape[0],
+        "num_classes": task.data.num_classes,
     }
     dataset = ParameterDataset.from_vectors(vectors, columns, layout, to_dict(cfg.task), base_state, info)
     dataset.save_to_disk(cfg.dataset_dir, overwrite=bool(cfg.overwrite))

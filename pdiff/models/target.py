@@ -1,0 +1,67 @@
+"""The target network as a pipeline component: what a generated vector is loaded into.
+
+`TargetNetwork` holds the frozen base network (its weights are this component's safetensors), the
+parameter layout and the task spec in its config. It turns generated vectors into state dicts or
+ready `nn.Module`s, so a generator folder alone rebuilds working networks without the dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
+from torch import nn
+
+from ..params import ParameterLayout
+from ..tasks.networks import build_network
+
+
+class TargetNetwork(ModelMixin, ConfigMixin):
+    """The base network plus the layout of its generated part."""
+
+    @register_to_config
+    def __init__(self, network: Mapping[str, Any], in_channels: int, num_classes: int, layout: Mapping[str, Any], task: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.net = build_network(dict(network), in_channels=in_channels, num_classes=num_classes).eval()
+        self.layout = ParameterLayout.from_dict(layout)
+        self.layout.check_module(self.net)
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "TargetNetwork":
+        """Build from a `ParameterDataset`: its task's network, its layout, its base weights."""
+        task = dataset.task
+        data_spec = _data_spec(dataset)
+        target = cls(network=task.config["network"], layout=dataset.layout.to_dict(), task=dataset.task_config, **data_spec)
+        target.net.load_state_dict(dataset.base_state, strict=True)
+        return target
+
+    def state_dicts(self, vectors: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Full state dicts (base weights with the generated part replaced), one per vector."""
+        base = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        out = []
+        for vector in vectors.detach().float().cpu().reshape(-1, self.layout.dim):
+            state = dict(base)
+            state.update({k: v.clone() for k, v in self.layout.unflatten(vector).items()})
+            out.append(state)
+        return out
+
+    def networks(self, vectors: torch.Tensor) -> list[nn.Module]:
+        """Ready networks in eval mode, one per vector, on the CPU."""
+        nets = []
+        for state in self.state_dicts(vectors):
+            net = copy.deepcopy(self.net).cpu()
+            net.load_state_dict(state, strict=True)
+            nets.append(net.eval())
+        return nets
+
+
+def _data_spec(dataset) -> dict[str, int]:
+    """Input channels and class count of the dataset's network (recorded at collection time)."""
+    try:
+        return {"in_channels": int(dataset.info["in_channels"]), "num_classes": int(dataset.info["num_classes"])}
+    except KeyError:  # an older dataset: read them off the task's data
+        data = dataset.task.data
+        return {"in_channels": data.image_shape[0], "num_classes": data.num_classes}

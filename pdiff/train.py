@@ -1,0 +1,434 @@
+"""Stage 2: train the generator — a parameter autoencoder, then a latent UNet1D diffusion model.
+
+    accelerate launch pdiff/train.py task=digits                       # any number of processes / machines
+    accelerate launch pdiff/train.py task=digits train.mixed_precision=bf16 train.report_to=wandb
+    accelerate launch pdiff/train.py task=digits train.resume_from_checkpoint=latest
+
+Reads like diffusers' training examples: one Accelerator, prepared models/optimizers/LR schedules,
+`accelerator.save_state` checkpoints (EMA saved through a save hook), trackers on the main process.
+The parameter dataset is tiny, so it lives on the device and batches are drawn by indexing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # `accelerate launch pdiff/train.py` puts pdiff/ itself on sys.path; use the repository root instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet1DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pdiff.batched import evaluate_vectors
+from pdiff.config import ConfigError, flatten, load_config, to_dict
+from pdiff.dataset import ParameterDataset, atomic_directory
+from pdiff.models import ParameterAutoencoder, TargetNetwork, build_unet
+from pdiff.pipeline import PDiffPipeline
+from pdiff.tasks import Task
+
+logger = get_logger(__name__)
+
+STATE_FILE = "pdiff_state.json"  # written last into a checkpoint: marks it complete
+# Keys that may change between a run and its resumption without changing what is computed.
+RESUMABLE_KEYS = ("train.resume_from_checkpoint", "train.report_to", "train.run_name", "train.wandb_project", "train.log_every",
+                  "train.checkpointing_steps", "train.checkpoints_total_limit", "train.eval_every", "train.eval_num_models",
+                  "train.num_final_models", "overwrite", "hub.", "generator.sampler", "generator.num_inference_steps")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject settings that cannot work here, before any process group is created."""
+    t = cfg.train
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: use no, bf16 or fp16")
+    if t.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+    if t.phase not in ("all", "autoencoder", "diffusion"):
+        raise ConfigError(f"train.phase={t.phase!r}: use all, autoencoder or diffusion")
+    if t.phase == "diffusion" and not t.autoencoder_path:
+        raise ConfigError("train.phase=diffusion needs train.autoencoder_path=<folder of a saved autoencoder>")
+    if t.report_to not in ("none", "wandb"):
+        raise ConfigError(f"train.report_to={t.report_to!r}: use none or wandb")
+    if cfg.generator.sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"generator.sampler={cfg.generator.sampler!r}: use ddpm or ddim")
+    for key in ("ae_steps", "diffusion_steps", "batch_size", "gradient_accumulation_steps"):
+        if int(t[key]) < (1 if key in ("batch_size", "gradient_accumulation_steps") else 0):
+            raise ConfigError(f"train.{key}={t[key]} is out of range")
+
+
+def load_parameter_dataset(cfg: DictConfig) -> tuple[ParameterDataset, Task]:
+    dataset = ParameterDataset.from_pretrained(cfg.dataset_dir)
+    dataset.validate()  # NaN / Inf
+    task = Task(cfg.task)
+    dataset.check_task(task)  # layout vs network
+    if dataset.task_config.get("name") != task.name:
+        raise ConfigError(f"{cfg.dataset_dir} was collected for task {dataset.task_config.get('name')!r}, not {task.name!r}: pass task={dataset.task_config.get('name')}")
+    return dataset, task
+
+
+def build_autoencoder(cfg: DictConfig, dataset: ParameterDataset) -> ParameterAutoencoder:
+    if cfg.train.phase == "diffusion":
+        ae = ParameterAutoencoder.from_pretrained(cfg.train.autoencoder_path, use_safetensors=True)
+        if ae.config.param_dim != dataset.dim:
+            raise ConfigError(f"the autoencoder at {cfg.train.autoencoder_path} is for D={ae.config.param_dim}, the dataset has D={dataset.dim}")
+        return ae
+    ae = ParameterAutoencoder(param_dim=dataset.dim, **to_dict(cfg.generator.autoencoder))
+    ae.fit_normalization(dataset.vectors, dataset.layout)
+    return ae
+
+
+def noise_scheduler_from(cfg: DictConfig) -> DDPMScheduler:
+    # Latents are scaled to unit variance, not to [-1, 1]: clipping would distort them.
+    return DDPMScheduler(**to_dict(cfg.generator.scheduler), clip_sample=False)
+
+
+def sampling_scheduler(cfg: DictConfig, noise_scheduler: DDPMScheduler):
+    cls = DDIMScheduler if cfg.generator.sampler == "ddim" else DDPMScheduler
+    return cls.from_config(noise_scheduler.config)
+
+
+def batch_indices(num_rows: int, batch_size: int, seed: int, rank: int, step: int, micro: int, device) -> torch.Tensor:
+    """Rows for one micro-batch: a pure function of (seed, rank, step), so resuming needs no sampler state."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+    return torch.randint(num_rows, (batch_size,), generator=g).to(device)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_root(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints whose state file was written (an interrupted save has none), oldest first."""
+    found = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(cfg: DictConfig) -> Path | None:
+    target = cfg.train.resume_from_checkpoint
+    if not target:
+        return None
+    if target == "latest":
+        found = complete_checkpoints(checkpoint_root(cfg))
+        if not found:
+            logger.info(f"no checkpoint in {checkpoint_root(cfg)}: starting from scratch", main_process_only=True)
+            return None
+        return found[-1]
+    path = Path(target)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a complete pdiff checkpoint ({STATE_FILE} missing)")
+    return path
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    a, b = flatten(saved), flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: checkpoint={a.get(k)!r} now={b.get(k)!r}" for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_KEYS)]
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: DictConfig, step: int) -> None:
+    root = checkpoint_root(cfg)
+    if accelerator.is_main_process and cfg.train.checkpoints_total_limit:
+        # Make room first, like diffusers' examples, so at most `limit` checkpoints exist after saving.
+        for old in complete_checkpoints(root)[: max(0, len(complete_checkpoints(root)) - int(cfg.train.checkpoints_total_limit) + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        tmp = path / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps({"step": step, "config": to_dict(cfg)}, indent=2))
+        tmp.rename(path / STATE_FILE)
+    accelerator.wait_for_everyone()
+
+
+def register_ema_hooks(accelerator: Accelerator, ema: EMAModel | None) -> None:
+    """Save/load the EMA weights with each checkpoint as safetensors (diffusers' example pattern)."""
+    if ema is None:
+        return
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_hook(models, input_dir):
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls=UNet1DModel)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# -- evaluation during training ------------------------------------------------------------------
+
+
+def build_pipeline(cfg, accelerator, ae, unet, ema, noise_scheduler, target) -> PDiffPipeline:
+    """A pipeline on the trained components, with the EMA weights in the denoiser when EMA is on."""
+    unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        unet = UNet1DModel.from_config(unet.config).to(accelerator.device)
+        ema.copy_to(unet.parameters())
+    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), scheduler=sampling_scheduler(cfg, noise_scheduler), target=target)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def score_on_validation(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
+    net = target.net.to(device)
+    batch = int(task.config.get("eval", {}).get("batch_size", 1000))
+    return evaluate_vectors(net, target.layout, vectors, task.data.val, task.data.prepare, batch_size=batch).accuracy
+
+
+def accuracy_stats(prefix: str, acc: torch.Tensor) -> dict[str, float]:
+    return {f"{prefix}_best": float(acc.max()), f"{prefix}_mean": float(acc.mean()), f"{prefix}_median": float(acc.median()), f"{prefix}_min": float(acc.min())}
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    check_config(cfg)
+    t = cfg.train
+    accelerator = Accelerator(
+        cpu=bool(cfg.cpu),
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=int(t.gradient_accumulation_steps),
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+    )
+    main_process, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    resume_path = resolve_resume(cfg)
+    if resume_path is not None:
+        saved = json.loads((resume_path / STATE_FILE).read_text())
+        diffs = config_differences(saved["config"], to_dict(cfg))
+        if diffs:
+            raise ConfigError(f"cannot resume from {resume_path}: its config differs in\n  " + "\n  ".join(diffs) + "\nresume with the same settings, or start a new output_dir")
+    elif main_process and cfg.train.phase != "diffusion" and complete_checkpoints(checkpoint_root(cfg)) and not cfg.overwrite:
+        raise FileExistsError(f"{checkpoint_root(cfg)} holds checkpoints of an earlier run: pass train.resume_from_checkpoint=latest to continue it, or overwrite=true to start over")
+    set_seed(int(cfg.seed), device_specific=True)
+
+    dataset, task = load_parameter_dataset(cfg)
+    vectors = dataset.vectors.to(device)  # the whole parameter dataset stays on the device
+    ae = build_autoencoder(cfg, dataset)
+    unet = build_unet(*ae.latent_shape, **to_dict(cfg.generator.unet))
+    noise_scheduler = noise_scheduler_from(cfg)
+    train_ae = t.phase in ("all", "autoencoder")
+    ae_steps = int(t.ae_steps) if train_ae else 0
+    total_steps = ae_steps + (int(t.diffusion_steps) if t.phase in ("all", "diffusion") else 0)
+
+    opt_ae = torch.optim.AdamW(ae.parameters(), lr=float(t.ae_lr), weight_decay=float(t.weight_decay))
+    opt_unet = torch.optim.AdamW(unet.parameters(), lr=float(t.diffusion_lr), weight_decay=float(t.weight_decay))
+    # Prepared LR schedulers step once per process per optimizer step: scale like diffusers' examples.
+    lr_ae = get_scheduler(t.lr_scheduler, opt_ae, num_warmup_steps=int(t.lr_warmup_steps) * world, num_training_steps=max(1, ae_steps) * world)
+    lr_unet = get_scheduler(t.lr_scheduler, opt_unet, num_warmup_steps=int(t.lr_warmup_steps) * world, num_training_steps=max(1, int(t.diffusion_steps)) * world)
+    ema = EMAModel(unet.parameters(), decay=float(t.ema_decay), model_cls=UNet1DModel, model_config=unet.config) if t.ema_decay else None
+    ae, unet, opt_ae, opt_unet, lr_ae, lr_unet = accelerator.prepare(ae, unet, opt_ae, opt_unet, lr_ae, lr_unet)
+    if ema is not None:
+        ema.to(device)
+    register_ema_hooks(accelerator, ema)
+
+    step = 0
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        step = json.loads((resume_path / STATE_FILE).read_text())["step"]
+        logger.info(f"resumed from {resume_path} at step {step}", main_process_only=True)
+
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if t.report_to != "none":
+        accelerator.init_trackers(t.wandb_project, config=flatten(to_dict(cfg)), init_kwargs={"wandb": {"name": t.run_name, "dir": str(cfg.output_dir)}})
+
+    target = TargetNetwork.from_dataset(dataset)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not main_process)
+    history: dict[str, list] = {"loss": []}
+    best = {"val_acc_median": -1.0, "step": None}
+    latents = None
+    last_log = (time.perf_counter(), step)
+
+    while step < total_steps:
+        in_ae_phase = step < ae_steps
+        if not in_ae_phase and latents is None:
+            latents = prepare_latents(accelerator, ae, vectors, task, target, dataset, step, train_ae, cfg)
+        model, opt, sched = (ae, opt_ae, lr_ae) if in_ae_phase else (unet, opt_unet, lr_unet)
+        model.train()
+        for micro in range(int(t.gradient_accumulation_steps)):
+            with accelerator.accumulate(model):
+                idx = batch_indices(len(dataset), int(t.batch_size), int(cfg.seed), accelerator.process_index, step, micro, device)
+                loss = autoencoder_loss(ae, vectors[idx]) if in_ae_phase else diffusion_loss(unet, noise_scheduler, latents[idx])
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), float(t.max_grad_norm)) if accelerator.sync_gradients else None
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()  # every rank sees a divergence
+        if not math.isfinite(mean_loss):
+            last = complete_checkpoints(checkpoint_root(cfg))
+            raise TrainingDivergedError(
+                f"the {'autoencoder' if in_ae_phase else 'diffusion'} loss became {mean_loss} at step {step + 1}; "
+                f"last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate or raise train.max_grad_norm clipping, "
+                "then resume with train.resume_from_checkpoint=latest"
+            )
+        if not in_ae_phase and ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        step += 1
+        progress.update(1)
+        history["loss"].append(mean_loss)
+
+        if step % int(t.log_every) == 0 or step == total_steps:
+            now = time.perf_counter()
+            steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
+            last_log = (now, step)
+            phase = "ae" if in_ae_phase else "diffusion"
+            logs = {f"{phase}/loss": mean_loss, f"{phase}/lr": sched.get_last_lr()[0], f"{phase}/steps_per_s": steps_per_s,
+                    f"{phase}/samples_per_s": steps_per_s * int(t.batch_size) * world * int(t.gradient_accumulation_steps)}
+            if grad_norm is not None:
+                logs[f"{phase}/grad_norm"] = float(grad_norm)
+            accelerator.log(logs, step=step)
+            progress.set_postfix(loss=f"{mean_loss:.4g}", phase=phase)
+        if t.checkpointing_steps and step % int(t.checkpointing_steps) == 0 and step < total_steps:
+            save_checkpoint(accelerator, cfg, step)
+        if not in_ae_phase and t.eval_every and step % int(t.eval_every) == 0 and step < total_steps:
+            evaluate_during_training(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, step, best)
+        if in_ae_phase and step == ae_steps and main_process:
+            save_autoencoder(accelerator, ae, cfg)
+        if in_ae_phase and step == ae_steps:
+            accelerator.wait_for_everyone()
+
+    progress.close()
+    result = None
+    if t.phase != "autoencoder":
+        result = finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def autoencoder_loss(ae, batch: torch.Tensor) -> torch.Tensor:
+    x = accelerator_unwrapped(ae).normalize(batch)
+    return F.mse_loss(ae(x).reconstruction.float(), x)
+
+
+def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0: torch.Tensor) -> torch.Tensor:
+    noise = torch.randn_like(x0)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    return F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
+
+
+def accelerator_unwrapped(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def prepare_latents(accelerator, ae, vectors, task, target, dataset, step, trained_here: bool, cfg) -> torch.Tensor:
+    """Encode the dataset once (eval mode, no noise); fix the latent scale; log reconstruction quality."""
+    ae_model = accelerator.unwrap_model(ae).eval()
+    if trained_here:
+        # Scale latents to unit variance for the denoiser; the factor is part of the autoencoder's config.
+        raw = ae_model.encode(ae_model.normalize(vectors), add_noise=False)
+        ae_model.register_to_config(scaling_factor=float(1.0 / raw.float().std().clamp_min(1e-8)))
+    latents = ae_model.params_to_latents(vectors).float()
+    if accelerator.is_main_process:
+        recon = ae_model.latents_to_params(latents)
+        acc = score_on_validation(task, target, recon, accelerator.device)
+        orig = torch.tensor(dataset.column("val_accuracy"))
+        logs = {**accuracy_stats("ae/recon_val_acc", acc), **accuracy_stats("ae/original_val_acc", orig),
+                "ae/recon_mse": float(F.mse_loss(ae_model.normalize(recon), ae_model.normalize(vectors)))}
+        accelerator.log(logs, step=step)
+        logger.info(f"autoencoder reconstruction: val acc median {logs['ae/recon_val_acc_median']:.4f} (originals {logs['ae/original_val_acc_median']:.4f})", main_process_only=True)
+    return latents
+
+
+def save_autoencoder(accelerator, ae, cfg) -> None:
+    path = Path(cfg.output_dir) / "autoencoder"
+    with atomic_directory(path, overwrite=True) as tmp:
+        accelerator.unwrap_model(ae).save_pretrained(tmp, safe_serialization=True)
+
+
+@torch.no_grad()
+def evaluate_during_training(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, step, best) -> None:
+    """Sample networks, score them on validation, keep the best generator so far (validation only)."""
+    if accelerator.is_main_process:
+        pipe = build_pipeline(cfg, accelerator, ae, unet, ema, noise_scheduler, target)
+        params = pipe(num_models=int(cfg.train.eval_num_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed))).params
+        acc = score_on_validation(task, target, params, accelerator.device)
+        logs = accuracy_stats("eval/val_acc", acc)
+        accelerator.log(logs, step=step)
+        if logs["eval/val_acc_median"] > best["val_acc_median"]:
+            best.update(val_acc_median=logs["eval/val_acc_median"], step=step)
+            save_generator(pipe, Path(cfg.output_dir) / "best_generator")
+    accelerator.wait_for_everyone()
+
+
+def save_generator(pipe: PDiffPipeline, path: Path, report: dict | None = None, plots: list | None = None) -> None:
+    with atomic_directory(path, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, report=report, plots=plots)
+
+
+def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best) -> dict | None:
+    """Pick the generator (best on validation, else the last), evaluate it, save it, push it."""
+    if not accelerator.is_main_process:
+        return None
+    last = build_pipeline(cfg, accelerator, ae, unet, ema, noise_scheduler, target)
+    params = last(num_models=int(cfg.train.eval_num_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed))).params
+    last_median = float(score_on_validation(task, target, params, accelerator.device).median())
+    pipe, selected = last, {"step": step, "val_acc_median": last_median}
+    best_dir = Path(cfg.output_dir) / "best_generator"
+    if best["step"] is not None and best["val_acc_median"] > last_median and best_dir.exists():
+        pipe, selected = PDiffPipeline.from_pretrained(best_dir).to(accelerator.device), dict(best)
+    pipe.set_progress_bar_config(disable=True)
+
+    generated = pipe(num_models=int(cfg.train.num_final_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
+    report, plots = final_report(dataset, generated, task, cfg, accelerator)
+    report["selected"] = {**selected, "selected_on": "validation"}
+    save_generator(pipe, Path(cfg.generator_dir), report=report, plots=plots)
+    logger.info(f"saved the generator to {cfg.generator_dir}", main_process_only=True)
+    if cfg.hub.push_to_hub:
+        if not cfg.hub.model_id:
+            raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
+        pipe.push_to_hub(cfg.hub.model_id, private=bool(cfg.hub.private), report=report, plots=plots)
+    return report
+
+
+def final_report(dataset, generated, task, cfg, accelerator) -> tuple[dict, list]:
+    """The evaluation report of the final generated set (see pdiff.evaluate), logged to the trackers."""
+    from pdiff import evaluate
+
+    report = evaluate.evaluate_generated(dataset, generated, task=task, device=accelerator.device, seed=int(cfg.seed))
+    out = Path(cfg.output_dir) / "report"
+    written = evaluate.write_report(report, out)
+    plots = [p for p in written if str(p).endswith(".png")]
+    if cfg.train.report_to == "wandb":
+        evaluate.log_report_to_wandb(report, plots)
+    return report, plots
+
+
+if __name__ == "__main__":
+    main()
