@@ -3,7 +3,9 @@
     pdiff collect task=digits task.param.k=200      # stage 1 (Hydra overrides)
     pdiff train task=digits                         # stage 2 in this process (`accelerate launch pdiff/train.py` for many)
     pdiff config task=fashion_mnist                 # print the composed config
+    pdiff sample --model outputs/digits/generator --num-models 100 --out samples/
     pdiff sweep configs/sweeps/noise_grid.yaml --local   # a W&B sweep, trials run here (no server)
+    pdiff evaluate --dataset outputs/digits/params --generated samples/ --out outputs/digits/eval
 """
 
 from __future__ import annotations
@@ -54,14 +56,64 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the local engine's proposals")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import main
+
+    if args.overrides:
+        raise ValueError(f"pdiff evaluate takes options, not overrides: {args.overrides}")
+    main(args)
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    # Defined here rather than in pdiff.evaluate so that building the parser does not import torch.
+    p.add_argument("--dataset", required=True, help="the original parameter dataset: folder or Hub dataset id")
+    p.add_argument("--generated", required=True, help="generated parameters: a parameter dataset (folder or Hub id) or a .pt/.safetensors/.npy [N, D] tensor")
+    p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default 1 2 4 8 16 32; none given: no noise baseline)")
+    p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
+    p.add_argument("--num-noise-models", type=int, default=None, help="networks per noise scale (default: as many as generated)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the task's eval.batch_size)")
+    p.add_argument("--networks-per-chunk", type=int, default=100, help="networks run together through vmap")
+    p.add_argument("--no-plots", action="store_true", help="write only report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from .sample import main
+
+    if args.overrides:
+        raise ValueError(f"pdiff sample takes options, not overrides: {args.overrides}")
+    main(args)
+
+
+def _sample_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a generator: folder or Hub repo id")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--num-models", type=int, default=100, help="networks to generate (one batched chain)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("safetensors", "dataset"), default="safetensors", help="one safetensors state dict per network, or a parameter dataset like `pdiff collect` writes")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 for DDIM, all for DDPM)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
+    p.add_argument("--dataset", default=None, help="with --evaluate: the original parameter dataset, for the full report (baselines, novelty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "collect": (_collect, "train a network and collect K checkpoints of its chosen parameters"),
     "train": (_train, "train the generator (autoencoder + latent diffusion) in this process"),
     "config": (_config, "print the composed config for the given overrides"),
     "sweep": (_sweep, "run a W&B sweep file: print the W&B commands, or run trials here with --local"),
+    "sample": (_sample, "generate networks with a trained generator (folder or Hub) and write them out"),
+    "evaluate": (_evaluate, "evaluate generated networks against the originals, baselines and novelty; write report.json + plots"),
 }
 # Commands with options of their own, added before the positional overrides.
-OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"sweep": _sweep_options}
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"sweep": _sweep_options, "evaluate": _evaluate_options, "sample": _sample_options}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -406,7 +406,7 @@ def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, datas
     pipe.set_progress_bar_config(disable=True)
 
     generated = pipe(num_models=int(cfg.train.num_final_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
-    report, plots = final_report(dataset, generated, task, cfg, accelerator)
+    report, plots = final_report(dataset, generated, task, cfg, accelerator, step)
     report["selected"] = {**selected, "selected_on": "validation"}
     save_generator(pipe, Path(cfg.generator_dir), report=report, plots=plots)
     logger.info(f"saved the generator to {cfg.generator_dir}", main_process_only=True)
@@ -417,17 +417,12 @@ def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, datas
     return report
 
 
-def final_report(dataset, generated, task, cfg, accelerator) -> tuple[dict, list]:
+def final_report(dataset, generated, task, cfg, accelerator, step: int) -> tuple[dict, list]:
     """The evaluation report of the final generated set (see pdiff.evaluate), logged to the trackers."""
-    from pdiff import evaluate
+    from pdiff.evaluate import evaluate_and_write
 
-    report = evaluate.evaluate_generated(dataset, generated, task=task, device=accelerator.device, seed=int(cfg.seed))
-    out = Path(cfg.output_dir) / "report"
-    written = evaluate.write_report(report, out)
-    plots = [p for p in written if str(p).endswith(".png")]
-    if cfg.train.report_to == "wandb":
-        evaluate.log_report_to_wandb(report, plots)
-    return report, plots
+    report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=accelerator, step=step, task=task, device=accelerator.device, seed=int(cfg.seed))
+    return report, [p for p in paths.values() if str(p).endswith(".png")]
 
 
 if __name__ == "__main__":
