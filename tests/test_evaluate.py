@@ -1,0 +1,349 @@
+"""Evaluation: batched == one-by-one, the IoU metric, the report, its plots, the noise baseline, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pdiff.batched import evaluate_network
+from pdiff.dataset import ParameterDataset
+from pdiff.evaluate import (
+    REPORT_FILE,
+    NetworkEvaluator,
+    benchmark_evaluation,
+    evaluate_generated,
+    format_summary,
+    log_report_to_wandb,
+    noise_sigmas,
+    noisy_copies,
+    select_on_val,
+    verdict,
+    weight_average,
+    wrong_set_iou,
+    write_report,
+)
+from pdiff.plots import PLOT_FILES
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def originals(digits_params) -> ParameterDataset:
+    return ParameterDataset.from_pretrained(digits_params)
+
+
+@pytest.fixture(scope="module")
+def candidates(originals) -> torch.Tensor:
+    """Stand-ins for generated networks, from exact copies to clearly damaged ones, so accuracies vary."""
+    noise, _, _ = noisy_copies(originals.vectors, originals.layout, [0.0, 4.0, 32.0, 128.0], 4, seed=3)
+    return torch.cat(list(noise.values()))  # 16 networks
+
+
+@pytest.fixture(scope="module")
+def report(originals, candidates) -> dict:
+    generated = torch.cat([candidates, originals.vectors[:2]])  # the last two are exact copies of originals 0, 1
+    return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), num_noise_models=8, seed=0)
+
+
+# -- batched evaluation --------------------------------------------------------------------------
+
+
+def test_batched_accuracies_equal_one_by_one(originals, candidates):
+    task = originals.task
+    # Small chunks and passes so that the chunking itself is exercised, not just one vmap call.
+    evaluator = NetworkEvaluator(task, originals.base_state, originals.layout, device="cpu", batch_size=180, networks_per_chunk=6, max_networks_per_pass=10)
+    for split in ("val", "test"):
+        scores = evaluator.score(candidates, split, return_wrong=True)
+        data = task.data.split(split)
+        one_by_one = [evaluate_network(originals.build_network(vector=v, task=task), data, task.data.prepare)[0] for v in candidates]
+        assert scores.accuracy.tolist() == one_by_one  # exact: these are counts of correct examples
+        assert len(set(one_by_one)) > 2  # the candidates really differ, so equality means something
+        correct = (scores.accuracy * len(data)).round().long()
+        assert torch.equal(correct, len(data) - scores.wrong.sum(1))  # the wrong masks agree with the counts
+    assert evaluator.networks_scored == 2 * len(candidates) and evaluator.seconds > 0
+
+
+def test_nonfinite_networks_count_as_all_wrong(originals, candidates):
+    evaluator = NetworkEvaluator(originals.task, originals.base_state, originals.layout, device="cpu")
+    broken = candidates[:3].clone()
+    broken[1, 5] = math.nan
+    scores = evaluator.score(broken, "test", return_wrong=True)
+    assert scores.accuracy[1] == 0 and scores.wrong[1].all() and math.isnan(scores.loss[1])
+    assert scores.accuracy[0] > 0.5 and scores.accuracy[2] > 0.5
+
+
+def test_benchmark_reports_rates_and_agreement(originals, candidates):
+    result = benchmark_evaluation(originals, candidates, "val", device="cpu", max_one_by_one=4)
+    assert result["identical"] is True
+    assert result["batched_networks"] == len(candidates) and result["one_by_one_networks"] == 4
+    assert result["batched_networks_per_s"] > 0 and result["one_by_one_networks_per_s"] > 0
+
+
+# -- the IoU metric ------------------------------------------------------------------------------
+
+
+def _mask(n: int, *wrong: int) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(wrong)] = True
+    return m
+
+
+def test_wrong_set_iou_hand_made_cases():
+    a = torch.stack([_mask(6, 0, 1, 2), _mask(6), _mask(6, 4, 5), _mask(6, 0, 1, 2)])
+    b = torch.stack([_mask(6, 1, 2, 3), _mask(6), _mask(6, 0, 1, 2), _mask(6, 3, 4)])
+    iou = wrong_set_iou(a, b)
+    assert iou.shape == (4, 4) and iou.dtype == torch.float64
+    assert iou[0, 0] == pytest.approx(2 / 4)  # {0,1,2} vs {1,2,3}: 2 shared of 4
+    assert iou[0, 2] == 1.0  # identical sets
+    assert iou[0, 3] == 0.0  # disjoint
+    assert iou[1, 1] == 1.0  # both empty: defined as identical
+    assert iou[1, 0] == 0.0 and iou[0, 1] == 0.0  # empty vs non-empty
+    assert iou[2, 3] == pytest.approx(1 / 3)  # {4,5} vs {3,4}
+    assert torch.equal(wrong_set_iou(a, b, chunk_size=1), iou)  # chunking does not change results
+    assert torch.equal(wrong_set_iou(a), wrong_set_iou(a, a))
+    with pytest.raises(ValueError, match="same N"):
+        wrong_set_iou(a, torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_select_on_val_uses_validation_only():
+    # Ties on accuracy are broken by the lower loss, then the lower index.
+    assert select_on_val(torch.tensor([0.8, 0.9, 0.9]), torch.tensor([0.1, 0.5, 0.4])) == 2
+    assert select_on_val(torch.tensor([0.9, 0.9]), torch.tensor([0.3, 0.3])) == 0
+    assert select_on_val(torch.tensor([0.9, 0.9]), torch.tensor([math.nan, 0.3])) == 1
+
+
+# -- the noise baseline --------------------------------------------------------------------------
+
+
+def test_noise_baseline_is_reproducible_for_a_seed(originals):
+    v, layout = originals.vectors, originals.layout
+    a, base_a, _ = noisy_copies(v, layout, [1.0, 3.0], 10, seed=7)
+    b, base_b, _ = noisy_copies(v, layout, [3.0], 10, seed=7)  # the list of scales does not matter
+    c, _, _ = noisy_copies(v, layout, [1.0, 3.0], 10, seed=8)
+    assert torch.equal(a[3.0], b[3.0]) and torch.equal(base_a, base_b)
+    assert not torch.allclose(a[3.0], c[3.0])
+    # One draw, scaled: a scale-3 copy is three times as far from its original as the scale-1 copy.
+    torch.testing.assert_close(a[3.0] - v[base_a], 3 * (a[1.0] - v[base_a]), rtol=1e-4, atol=1e-6)
+    assert len(set(base_a.tolist())) == 10  # distinct originals while there are enough ...
+    _, base, _ = noisy_copies(v, layout, [1.0], 2 * len(v), seed=7)
+    assert torch.equal(torch.bincount(base, minlength=len(v)), torch.full((len(v),), 2))  # ... then each used evenly
+
+
+def test_noise_scale_is_relative_to_the_checkpoint_spread(originals):
+    v, layout = originals.vectors, originals.layout
+    sigmas = noise_sigmas(v, layout, "spread")
+    for slot, sigma in zip(layout.slots, sigmas):
+        block = v[:, slot.offset : slot.end].double()
+        assert sigma == pytest.approx(float((block - block.mean(0)).pow(2).mean().sqrt()))
+    noise, base, _ = noisy_copies(v, layout, [2.0], 400, seed=0, mode="spread")
+    slot = layout.slots[2]  # fc.weight: enough entries for the empirical std to be close
+    measured = (noise[2.0] - v[base])[:, slot.offset : slot.end].std()
+    assert float(measured) == pytest.approx(2.0 * float(sigmas[2]), rel=0.05)
+    absolute, base, _ = noisy_copies(v, layout, [0.01], 400, seed=0, mode="absolute")
+    assert float((absolute[0.01] - v[base]).std()) == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ValueError, match="noise_mode"):
+        noise_sigmas(v, layout, "relative")
+    with pytest.raises(ValueError, match="at least 2"):
+        noise_sigmas(v[:1], layout, "spread")
+
+
+def test_noise_baseline_in_the_report_is_reproducible(originals, candidates, report):
+    generated = torch.cat([candidates, originals.vectors[:2]])
+    again = evaluate_generated(originals, generated, device="cpu", noise_scales=(16.0,), num_noise_models=8, seed=0)
+    other = evaluate_generated(originals, generated, device="cpu", noise_scales=(16.0,), num_noise_models=8, seed=1)
+    first = next(e for e in report["baselines"]["noise"]["scales"] if e["scale"] == 16.0)
+    assert again["baselines"]["noise"]["scales"][0]["networks"] == first["networks"]
+    assert other["baselines"]["noise"]["scales"][0]["networks"]["nearest_original_l2"] != first["networks"]["nearest_original_l2"]
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+STATS = {"best", "mean", "median", "min", "std"}
+
+
+def _check_group(group: dict, count: int) -> None:
+    assert group["count"] == count
+    for split in ("val", "test"):
+        assert set(group[split]) == STATS
+        s = group[split]
+        assert 0 <= s["min"] <= s["median"] <= s["best"] <= 1 and s["min"] <= s["mean"] <= s["best"] and s["std"] >= 0
+        assert len(group["networks"][f"{split}_accuracy"]) == count
+        assert s["best"] == max(group["networks"][f"{split}_accuracy"])
+    best = group["best_on_val"]
+    val = group["networks"]["val_accuracy"]
+    assert val[best["index"]] == max(val) == best["val_accuracy"]  # chosen on validation ...
+    assert best["test_accuracy"] == group["networks"]["test_accuracy"][best["index"]]  # ... test only reported
+
+
+def test_report_schema(report, originals):
+    json.dumps(report, allow_nan=False)  # strict JSON
+    assert report["schema_version"] == 1 and report["task"] == "digits" and report["dim"] == originals.dim
+    assert report["splits"] == {"val": 360, "test": 360}
+    k, g = len(originals), 18
+    _check_group(report["originals"], k)
+    _check_group(report["generated"], g)
+    assert report["originals"]["stored_val_accuracy_matches"] is True
+    gen = report["generated"]["networks"]
+    for key in ("nearest_original_iou", "nearest_original_l2", "nearest_other_generated_iou", "nearest_other_generated_l2"):
+        assert len(gen[key]) == g and all(isinstance(x, float) for x in gen[key])
+    for key in ("nearest_original_iou_index", "nearest_original_l2_index"):
+        assert all(isinstance(i, int) and 0 <= i < k for i in gen[key])
+    assert all(0 <= x <= 1 for x in gen["nearest_original_iou"])
+    # Exact copies (the first 4 candidates, scale 0, and the last two rows) are found as such.
+    for row in (*range(4), g - 2, g - 1):
+        assert gen["nearest_original_l2"][row] == 0.0 and gen["nearest_original_iou"][row] == 1.0
+    assert gen["nearest_original_l2_index"][g - 2:] == [0, 1]
+    assert report["generated"]["nonfinite_indices"] == []
+
+    avg = report["baselines"]["weight_average"]
+    assert set(avg) == {"val_accuracy", "test_accuracy", "val_loss", "test_loss", "nearest_original_iou", "nearest_original_l2"}
+    task = originals.task
+    expected = evaluate_network(originals.build_network(vector=weight_average(originals.vectors)[0], task=task), task.data.test, task.data.prepare)[0]
+    assert avg["test_accuracy"] == expected
+
+    noise = report["baselines"]["noise"]
+    assert noise["mode"] == "spread" and noise["seed"] == 0 and noise["num_models"] == 8
+    assert set(noise["sigma_per_tensor"]) == set(originals.layout.names)
+    assert [e["scale"] for e in noise["scales"]] == [2.0, 16.0, 64.0]
+    for e in noise["scales"]:
+        _check_group(e, 8)
+        assert set(e["similarity_to_originals"]) == {"iou", "l2"}
+    # More noise moves the copies further from the originals.
+    dists = [e["similarity_to_originals"]["l2"]["mean"] for e in noise["scales"]]
+    assert dists == sorted(dists)
+
+    sim = report["similarity"]
+    for key in ("original_original", "generated_generated", "generated_original"):
+        assert set(sim[key]) == {"iou", "l2"} and set(sim[key]["iou"]) == {"mean", "median", "min", "max"}
+    assert set(sim["noise_original"]) == {"2.0", "16.0", "64.0"}
+
+    v = report["verdict"]
+    assert v["outcome"] in ("beats", "loses", "ties") and isinstance(v["text"], str) and "\n" not in v["text"]
+    assert v["matched_scale"] in (2.0, 16.0, 64.0)
+    t = report["timing"]
+    assert t["networks_evaluated"] == k + g + 1 + 3 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
+    assert "verdict:" in format_summary(report)
+
+
+def _fake(gen_mean, gen_std, noise_entries, n_test=1000, count=50):
+    return {
+        "splits": {"test": n_test},
+        "generated": {"count": count, "test": {"mean": gen_mean, "std": gen_std}, "best_on_val": {"test_accuracy": gen_mean}},
+        "similarity": {"generated_original": {"iou": {"mean": 0.80}}},
+        "baselines": {"noise": {"mode": "spread", "scales": [
+            {"scale": s, "count": count, "test": {"mean": m, "std": sd}, "best_on_val": {"test_accuracy": m},
+             "similarity_to_originals": {"iou": {"mean": iou}}} for s, iou, m, sd in noise_entries
+        ]}},
+    }
+
+
+def test_verdict_compares_at_equal_novelty():
+    entries = [(1.0, 0.95, 0.90, 0.0), (4.0, 0.82, 0.85, 0.0), (16.0, 0.50, 0.60, 0.0)]
+    v = verdict(_fake(0.87, 0.0, entries))
+    assert v["matched_scale"] == 4.0 and v["outcome"] == "beats" and v["equal_novelty"]  # 0.82 is closest to 0.80
+    assert verdict(_fake(0.80, 0.0, entries))["outcome"] == "loses"
+    assert verdict(_fake(0.8505, 0.0, entries))["outcome"] == "ties"  # less than one test example apart
+    assert verdict(_fake(0.87, 0.1, entries))["outcome"] == "ties"  # 2 standard errors = 0.028 > 0.02
+    far = verdict(_fake(0.87, 0.0, [(1.0, 0.99, 0.90, 0.0)]))
+    assert not far["equal_novelty"] and "add noise scales" in far["text"]
+
+
+def test_no_noise_baseline(originals, candidates):
+    r = evaluate_generated(originals, candidates[:3], device="cpu", noise_scales=())
+    assert r["baselines"]["noise"]["scales"] == [] and r["verdict"]["outcome"] is None
+    json.dumps(r, allow_nan=False)
+
+
+def test_rejects_vectors_of_another_layout(originals):
+    with pytest.raises(ValueError, match="D="):
+        evaluate_generated(originals, torch.zeros(3, originals.dim + 1), device="cpu")
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+
+def test_write_report_json_and_valid_pngs(report, tmp_path):
+    from PIL import Image
+    import matplotlib.image
+
+    paths = write_report(report, tmp_path / "eval")
+    assert json.loads(paths["report"].read_text()) == report
+    assert paths["report"].name == REPORT_FILE
+    for name, filename in PLOT_FILES.items():
+        path = paths[name]
+        assert path.name == filename and path.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 300
+        assert matplotlib.image.imread(path).ndim == 3
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == sorted([REPORT_FILE, *PLOT_FILES.values()])
+
+
+def test_log_report_to_wandb(report, tmp_path):
+    import wandb
+
+    assert log_report_to_wandb(report) is False  # no active run: nothing to do, no error
+    paths = write_report(report, tmp_path)
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="pdiff-tests")
+    try:
+        assert log_report_to_wandb(report, paths) is True
+        assert run.summary["eval/verdict"] == report["verdict"]["text"]
+    finally:
+        run.finish()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(originals, candidates, digits_params, tmp_path, run_cli):
+    generated = ParameterDataset.from_vectors(
+        candidates, {"step": [0] * len(candidates), "seed": [0] * len(candidates), **{c: [0.0] * len(candidates) for c in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")}},
+        originals.layout, originals.task_config, originals.base_state,
+    )
+    gen_dir = generated.save_to_disk(tmp_path / "generated")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--dataset", str(digits_params), "--generated", str(gen_dir), "--out", str(out), "--device", "cpu", "--noise-scales", "4", "16", "--num-noise-models", "5"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "generated" in result.stdout and "verdict:" in result.stdout and "networks/s" in result.stdout
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["generated"]["count"] == len(candidates) and [e["scale"] for e in report["baselines"]["noise"]["scales"]] == [4.0, 16.0]
+    assert all((out / f).read_bytes()[:8] == PNG_SIGNATURE for f in PLOT_FILES.values())
+
+
+def test_cli_inputs_and_errors(originals, candidates, digits_params, tmp_path, capsys):
+    from pdiff.cli import main  # in-process: the console script itself is covered above
+
+    out = tmp_path / "eval"
+    torch.save(candidates[:4], tmp_path / "samples.pt")  # a plain [N, D] tensor works too
+    args = ["evaluate", "--dataset", str(digits_params), "--generated", str(tmp_path / "samples.pt"), "--out", str(out), "--device", "cpu", "--noise-scales", "--no-plots"]
+    assert main(args) == 0
+    assert json.loads((out / REPORT_FILE).read_text())["generated"]["count"] == 4
+    assert not any(out.glob("*.png"))
+
+    capsys.readouterr()
+    assert main(args) == 2  # an existing report is not silently replaced
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+    torch.save(torch.zeros(3, originals.dim + 2), tmp_path / "wrong.pt")
+    assert main(["evaluate", "--dataset", str(digits_params), "--generated", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "D=" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", str(tmp_path / "missing"), "--generated", str(tmp_path / "samples.pt"), "--out", str(tmp_path / "y")]) == 2
+
+
+def test_generated_dataset_on_other_base_weights_is_refused(originals, candidates, tmp_path):
+    from pdiff.evaluate import load_generated
+
+    other_base = {k: v + 1 if v.is_floating_point() else v for k, v in originals.base_state.items()}
+    columns = {"step": [0] * 2, "seed": [0] * 2, **{c: [0.0] * 2 for c in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")}}
+    other = ParameterDataset.from_vectors(candidates[:2], columns, originals.layout, originals.task_config, other_base)
+    path = other.save_to_disk(tmp_path / "other")
+    with pytest.raises(ValueError, match="different frozen base weights"):
+        load_generated(path, originals)
+
