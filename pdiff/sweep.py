@@ -151,18 +151,33 @@ def parse_overrides(overrides: Sequence[str], config: dict[str, Any]) -> dict[st
 
 
 def lookup_metric(report: dict[str, Any], name: str) -> float:
-    """`name` in a JSON report: a top-level key (`"gen/val_acc_median"`) or a path (`gen` -> `val_acc_median`)."""
-    if name in report:
-        return float(report[name])
-    for sep in ("/", "."):
-        node: Any = report
-        for part in name.split(sep):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
+    """The value W&B would hold as the trial's summary `name`, read from its JSON report.
+
+    `name` may be a top-level key of the report, a path through it (`generated/val/median`), or, for a
+    pdiff evaluation report, one of the scalars pdiff/train.py logs from it: `eval/` + a key of
+    `pdiff.evaluate.summary_metrics(report)`, e.g. `eval/generated/val_median`.
+    """
+    candidates: dict[str, Any] = dict(report)
+    if "generated" in report and "originals" in report:
+        try:
+            from .evaluate import summary_metrics
+
+            flat = summary_metrics(report)
+            candidates.update(flat)
+            candidates.update({f"eval/{k}": v for k, v in flat.items()})
+        except (ImportError, KeyError, TypeError):
+            pass  # not the report layout this pdiff writes: fall back to keys and paths
+    if name in candidates and not isinstance(candidates[name], (dict, list)):
+        return float(candidates[name])
+    node: Any = report
+    for part in name.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        if not isinstance(node, (dict, list)):
             return float(node)
-    raise KeyError(f"metric {name!r} is not in the report (its keys: {', '.join(sorted(report))})")
+    raise KeyError(f"metric {name!r} is not in the report (scalars: {', '.join(sorted(k for k, v in candidates.items() if not isinstance(v, (dict, list))))})")
 
 
 def metrics_path(template: str, overrides: Sequence[str], env: dict[str, str]) -> Path:
@@ -287,7 +302,8 @@ def run_local(
     seed: int = 0,
     stream: Any = None,
 ) -> list[Trial]:
-    """Run up to `count` trials of a sweep here, one after another; returns every trial of the sweep so far.
+    """Run up to `count` trials of a sweep here, one after another; returns every trial of the sweep so far
+    (with `dry_run`, the trials that would run).
 
     `count=None` runs a grid to its end (random and bayes need a count). With `dry_run`, the trials'
     commands are printed (and proposed as if they were running), nothing runs and no state is written.
@@ -328,16 +344,21 @@ def run_local(
         command = expand_command(config, run_args)
         env = trial_environment(run_id, run_args, group=name) if not dry_run else {**os.environ, "WANDB_RUN_ID": run_id}
         report = metrics_path(metrics_file, script_overrides(command, program), env)
+        # Trials must not share an output folder: checked up front with a second run id (the folder
+        # should depend on it), then against every earlier trial.
+        if done == 0 and report == metrics_path(metrics_file, script_overrides(command, program), {**env, "WANDB_RUN_ID": run_id + "x"}):
+            seen_reports.add(str(report))
         if str(report) in seen_reports:
             raise SweepError(
-                f"trial {run_id} would write {report}, like an earlier trial: the sweep's command must give each "
+                f"trial {run_id} would write {report}, like other trials: the sweep's command must give each "
                 "trial its own output_dir, e.g. output_dir=outputs/sweeps/${oc.env:WANDB_SWEEP_ID,local}/${oc.env:WANDB_RUN_ID,run}"
             )
         seen_reports.add(str(report))
         trial = Trial(run_id=run_id, params=params, command=command, metrics_file=str(report), extra=extra)
         print(f"[{name} {len(runs) + 1}] {shlex.join(command)}", file=stream, flush=True)
         if dry_run:
-            trial.state = "running"
+            trial.state = "running"  # proposed as if running, so a grid moves on
+            trials.append(trial)
         else:
             _run_trial(trial, env, metric)
             print(f"[{name} {len(runs) + 1}] {trial.state}" + (f": {metric} = {trial.metric:.6g}" if trial.metric is not None else f" ({trial.error})"), file=stream, flush=True)
