@@ -187,6 +187,8 @@ def metrics_path(template: str, overrides: Sequence[str], env: dict[str, str]) -
     (the sweep files put `${oc.env:WANDB_RUN_ID}` in output_dir), so `{output_dir}`, `{generator_dir}`
     and any other top-level key mean what they mean inside the trial.
     """
+    if "{" not in template:
+        return Path(template)
     with _environ(env):
         cfg = load_config(overrides)
     values = {k: v for k, v in cfg.items() if not hasattr(v, "items")}
@@ -305,8 +307,8 @@ def run_local(
     """Run up to `count` trials of a sweep here, one after another; returns every trial of the sweep so far
     (with `dry_run`, the trials that would run).
 
-    `count=None` runs a grid to its end (random and bayes need a count). With `dry_run`, the trials'
-    commands are printed (and proposed as if they were running), nothing runs and no state is written.
+    `count=None` runs a grid to its end (random and bayes need a count). With `dry_run`, the next trials'
+    commands are printed (proposed after the saved ones, as if running), nothing runs and no state is written.
     """
     sweeps = _require_sweeps()
     import numpy as np
@@ -326,7 +328,8 @@ def run_local(
     extra = parse_overrides(overrides, config)
 
     state_path = Path(state_path or Path("outputs") / "sweeps" / "local" / f"{name}.json")
-    trials = [] if dry_run else _load_state(state_path, config)
+    trials = _load_state(state_path, config)  # earlier trials of this sweep: the engine builds on them
+    proposed: list[Trial] = []  # a dry run's trials, never saved
     runs = [t.to_sweep_run(metric) for t in trials]
     seen_reports = {t.metrics_file for t in trials}
     done = 0
@@ -358,7 +361,7 @@ def run_local(
         print(f"[{name} {len(runs) + 1}] {shlex.join(command)}", file=stream, flush=True)
         if dry_run:
             trial.state = "running"  # proposed as if running, so a grid moves on
-            trials.append(trial)
+            proposed.append(trial)
         else:
             _run_trial(trial, env, metric)
             print(f"[{name} {len(runs) + 1}] {trial.state}" + (f": {metric} = {trial.metric:.6g}" if trial.metric is not None else f" ({trial.error})"), file=stream, flush=True)
@@ -366,8 +369,9 @@ def run_local(
             _save_state(state_path, config, trials)
         runs.append(trial.to_sweep_run(metric))
         done += 1
-    if not dry_run:
-        print(summarize(trials, config, state_path), file=stream)
+    if dry_run:
+        return proposed
+    print(summarize(trials, config, state_path), file=stream)
     return trials
 
 

@@ -202,11 +202,13 @@ def test_local_sweep_runs_continues_and_records_failures(tmp_path, monkeypatch, 
     assert [t.state for t in first] == ["finished", "finished"]
     state = tmp_path / "outputs" / "sweeps" / "local" / "toy.json"
     assert len(json.loads(state.read_text())["trials"]) == 2
+    (left,) = run_local(path, dry_run=True)  # a dry run proposes after the saved trials, and saves nothing
+    assert len(json.loads(state.read_text())["trials"]) == 2
 
     trials = run_local(path, count=5)  # continues the same sweep: only the grid's last point is left
     assert "the grid is exhausted after 3 trials" in capsys.readouterr().out
     noises = [t.params["generator.autoencoder.latent_noise"]["value"] for t in trials]
-    assert sorted(noises) == [0.0, 0.1, 0.5]
+    assert sorted(noises) == [0.0, 0.1, 0.5] and noises[2] == left.params["generator.autoencoder.latent_noise"]["value"]
     by_noise = dict(zip(noises, trials))
     assert by_noise[0.5].state == "failed" and by_noise[0.5].exitcode == 3 and by_noise[0.5].metric is None
     assert by_noise[0.1].metric == pytest.approx(1.0) and by_noise[0.0].metric == pytest.approx(0.9)
