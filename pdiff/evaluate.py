@@ -44,8 +44,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -527,13 +527,13 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike, *, plots
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / REPORT_FILE}
-    fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_FILE}.", dir=out)
+    tmp = out / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"  # open() keeps the umask's mode
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(_jsonable(report), f, indent=2, allow_nan=False)
         os.replace(tmp, paths["report"])
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     if plots:
         from .plots import plot_report

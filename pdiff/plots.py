@@ -94,7 +94,8 @@ def plot_accuracy_vs_novelty(report: Mapping[str, Any], path: str | os.PathLike)
             ax.scatter(x, y, s=16, alpha=0.75, color=_color(label, noise_colors, noise_index), label=shown,
                        **style.get(label, dict(marker="o", zorder=2)))
         avg = report["baselines"]["weight_average"]
-        ax.scatter([avg["nearest_original_iou" if col == 3 else "nearest_original_l2"]], [avg["test_accuracy"]], marker="X", s=120, color="black", label="weight average", zorder=5)
+        ax.scatter([avg["nearest_original_iou" if col == 3 else "nearest_original_l2"]], [avg["test_accuracy"]], marker="X", s=130, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label="weight average", zorder=5)  # hollow: points under it stay visible
         if col == 4 and any(v > 0 for _, _, nets, _, k in groups for v in nets.get(k, [])):
             ax.set_xscale("symlog", linthresh=_smallest_positive(groups))
         ax.set_xlabel(xlabel)

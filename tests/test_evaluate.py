@@ -297,6 +297,20 @@ def test_log_report_to_wandb(report, tmp_path):
         run.finish()
 
 
+def test_log_report_through_an_accelerate_tracker(report, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    accelerator.init_trackers("pdiff-tests", init_kwargs={"wandb": {"mode": "offline", "dir": str(tmp_path)}})
+    try:
+        assert log_report_to_wandb(report, write_report(report, tmp_path), step=3, run=accelerator) is True
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        assert run.summary["eval/verdict"] == report["verdict"]["text"]
+    finally:
+        accelerator.end_training()
+    assert log_report_to_wandb(report, run=Accelerator(cpu=True)) is False  # no wandb tracker configured
+
+
 # -- command line --------------------------------------------------------------------------------
 
 
