@@ -133,7 +133,8 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
 
     set_seed(int(cfg.seed))
     net = task.build_network().to(device)
-    names = select_parameters(net, list(cfg.task.param.patterns))  # fail on a bad pattern before training
+    # A list or one pattern (`task.param.patterns=fc.*` arrives as a string). Fail on a bad one before training.
+    names = select_parameters(net, task.config["param"]["patterns"])
     layout = ParameterLayout.from_module(net, names)
     train_base_network(net, task, device, seed=int(cfg.seed), show_progress=main)
     # Every rank trained the same base network; broadcasting makes it bit-identical even where

@@ -251,6 +251,8 @@ def dataset_exists(path: str | os.PathLike) -> bool:
 def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "parameter dataset") -> None:
     """Refuse, before any work is done, to write where something already lives unless told to overwrite."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; choose another directory for the {what}")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} already holds a {what} (or other files); pass overwrite=true to replace it, or choose another directory")
 

@@ -110,6 +110,12 @@ def test_pattern_matching_nothing_lists_parameter_names(tmp_path):
     assert all(name in message for name in ("conv1.weight", "bn3.weight", "bn3.bias", "fc.weight", "fc.bias"))
 
 
+def test_a_single_pattern_string_selects_by_glob(tmp_path):
+    # `task.param.patterns=fc.*` on the command line arrives as a string, not a list.
+    ds = collect_dataset(tmp_path, *TINY, "task.param.patterns=fc.*", "task.param.k=2")
+    assert ds.layout.names == ["fc.weight", "fc.bias"] and ds.dim == 650
+
+
 def test_missing_fashion_mnist_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(task_data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     with pytest.raises(task_data.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):

@@ -168,6 +168,15 @@ def test_existing_dataset_is_refused_and_overwrite_replaces_it(ds, tmp_path):
     assert not _partials(tmp_path)
 
 
+def test_a_file_in_the_way_is_refused_even_with_overwrite(ds, tmp_path):
+    (tmp_path / "params").write_text("notes")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="is a file"):
+            ds.save_to_disk(tmp_path / "params", overwrite=overwrite)
+    assert (tmp_path / "params").read_text() == "notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["params"]
+
+
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
 def test_interrupted_save_leaves_nothing_under_the_final_name(ds, tmp_path, monkeypatch, exc):
     def fail_after_rows(self, folder):  # the rows are written, the side files are not

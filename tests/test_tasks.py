@@ -83,12 +83,20 @@ def test_local_image_folder_through_load_dataset(tmp_path):
             folder.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    data = load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "image_size": 8})
+    # Real folders mix image modes: all become RGB like the first one.
+    Image.fromarray(rng.integers(0, 255, (12, 10, 4), dtype=np.uint8), mode="RGBA").save(tmp_path / "train" / "cat" / "5.png")
+    Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8), mode="L").save(tmp_path / "test" / "dog" / "1.png")
+    data = load_data({"source": "hub", "name": str(tmp_path), "val_size": 4})
     assert (len(data.train), len(data.val), len(data.test)) == (16, 4, 6)
-    assert data.image_shape == (3, 8, 8) and data.num_classes == 2
+    assert data.image_shape == (3, 12, 10) and data.num_classes == 2
     assert sorted(data.test.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="test_split"):
         load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "test_split": "validation"})
+    # Images of several sizes need task.data.image_size.
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "train" / "dog" / "big.png")
+    with pytest.raises(ValueError, match="image_size"):
+        load_data({"source": "hub", "name": str(tmp_path), "val_size": 4})
+    assert load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "image_size": 8}).image_shape == (3, 8, 8)
 
 
 def test_bad_data_and_network_configs_are_clear_errors():

@@ -171,23 +171,33 @@ def _load_hub(cfg):
     if test_split not in ds:
         raise ValueError(f"{cfg['name']} has splits {list(ds)}; set task.data.test_split to one of them")
     train_split = cfg.get("train_split", "train")
-    train = _hub_split(ds[train_split], image_col, label_col, cfg.get("image_size"))
-    test = _hub_split(ds[test_split], image_col, label_col, cfg.get("image_size"))
+    if train_split not in ds:
+        raise ValueError(f"{cfg['name']} has splits {list(ds)}; set task.data.train_split to one of them")
+    first = ds[train_split][0][image_col] if image_col in ds[train_split].column_names else None
+    # One channel layout for all images: grayscale stays grayscale, anything else (RGBA, CMYK, P) becomes RGB.
+    mode = "L" if getattr(first, "mode", None) in ("L", "1") else "RGB"
+    train = _hub_split(ds[train_split], image_col, label_col, cfg.get("image_size"), mode)
+    test = _hub_split(ds[test_split], image_col, label_col, cfg.get("image_size"), mode)
     feature = ds[train_split].features[label_col]
     num_classes = getattr(feature, "num_classes", None) or int(max(train.labels.max(), test.labels.max())) + 1
     return train, test, 255.0, num_classes
 
 
-def _hub_split(ds, image_col: str, label_col: str, size) -> Split:
+def _hub_split(ds, image_col: str, label_col: str, size, mode: str = "RGB") -> Split:
     for col in (image_col, label_col):
         if col not in ds.column_names:
             raise ValueError(f"column {col!r} not in dataset columns {ds.column_names}; set task.data.image_column/label_column")
     images = []
     for img in ds[image_col]:
+        img = img.convert(mode)
         if size:
             img = img.resize((int(size), int(size)))
         arr = np.asarray(img, dtype=np.uint8)
         images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    sizes = sorted({a.shape[1:] for a in images})
+    if len(sizes) > 1:
+        raise ValueError(f"the images come in {len(sizes)} sizes ({', '.join(f'{h}x{w}' for h, w in sizes[:4])}, ...); "
+                         "set task.data.image_size to resize them to one square size")
     return Split(torch.from_numpy(np.stack(images)), torch.as_tensor(ds[label_col], dtype=torch.int64))
 
 
