@@ -390,12 +390,12 @@ def evaluate_generated(
 
     # Similarities, all on the test split's wrong-example sets and on the parameter vectors.
     ow = sets["originals"]["test"].wrong
-    orig = {"networks": _columns(sets["originals"]), **_group(sets["originals"])}
+    orig = {**_group(sets["originals"]), "networks": _columns(sets["originals"])}
     orig["networks"].update(_nearest_columns(wrong_set_iou(ow), l2_distances(orig_vectors), "other_original", exclude_self=True))
     orig["stored_val_accuracy_matches"] = bool(np.allclose(originals.column("val_accuracy"), sets["originals"]["val"].accuracy.numpy(), atol=0.5 / len(evaluator.splits["val"])))
 
     gw = sets["generated"]["test"].wrong
-    gen = {"networks": _columns(sets["generated"]), **_group(sets["generated"])}
+    gen = {**_group(sets["generated"]), "networks": _columns(sets["generated"])}
     gen["networks"].update(_nearest_columns(wrong_set_iou(gw, ow), l2_distances(generated, orig_vectors), "original"))
     gen["networks"].update(_nearest_columns(wrong_set_iou(gw), l2_distances(generated), "other_generated", exclude_self=True))
     nonfinite = (~torch.isfinite(generated).all(1)).nonzero().flatten().tolist()
@@ -414,7 +414,7 @@ def evaluate_generated(
 
     noise_entries = []
     for s, vectors in noise.items():
-        entry = {"scale": s, "networks": {"base_index": noise_base.tolist(), **_columns(noise_scores[s])}, **_group(noise_scores[s])}
+        entry = {"scale": s, **_group(noise_scores[s]), "networks": {"base_index": noise_base.tolist(), **_columns(noise_scores[s])}}
         entry["networks"].update(_nearest_columns(wrong_set_iou(noise_scores[s]["test"].wrong, ow), l2_distances(vectors, orig_vectors), "original"))
         entry["similarity_to_originals"] = _similarity(entry["networks"], "original")
         noise_entries.append(entry)
