@@ -33,9 +33,8 @@ def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sample
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     pipe.to(device)
-    if dtype != "fp32":  # the denoiser and autoencoder may run in bf16; the target network and the output stay float32
-        pipe.unet.to(dtype=DTYPES[dtype])
-        pipe.autoencoder.to(dtype=DTYPES[dtype])
+    if dtype != "fp32":  # the denoiser runs in bf16; the autoencoder, the target network and the output stay float32
+        pipe.to(DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -71,11 +70,13 @@ def write_networks(pipe: PDiffPipeline, params: torch.Tensor, out: Path, overwri
 
 def main(args) -> None:
     """`pdiff sample` (options in `pdiff.cli`)."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:  # refuse before any work
+        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it, or choose another --out")
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision)
     params = pipe(num_models=args.num_models, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)).params
     seconds = time.perf_counter() - started
-    out = Path(args.out)
     if args.format == "dataset" or args.evaluate:
         task = task_of(pipe)
         generated = generated_dataset(pipe, params, args.seed, task)
