@@ -1,0 +1,110 @@
+"""`pdiff sample`: generated networks as safetensors or as a parameter dataset, with --evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator_helpers import sample, tiny_generator
+from pdiff import ParameterDataset, PDiffPipeline, Task
+from pdiff.batched import evaluate_vectors
+from pdiff.cli import main as cli
+from pdiff.tasks.networks import build_network
+
+
+@pytest.fixture(scope="module")
+def dataset(digits_params) -> ParameterDataset:
+    return ParameterDataset.from_pretrained(digits_params)
+
+
+@pytest.fixture(scope="module")
+def generator(dataset, tmp_path_factory) -> tuple[PDiffPipeline, Path]:
+    pipe = tiny_generator(dataset)
+    folder = tmp_path_factory.mktemp("sample") / "generator"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def fresh_network(pipe: PDiffPipeline) -> torch.nn.Module:
+    cfg = pipe.target.config
+    return build_network(cfg.network, cfg.in_channels, cfg.num_classes)
+
+
+def test_safetensors_per_network_loadable_strictly(generator, tmp_path, run_cli):
+    pipe, folder = generator
+    out = tmp_path / "nets"
+    done = run_cli("sample", "--model", str(folder), "--num-models", "3", "--steps", "4", "--seed", "7", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "sampled 3 networks" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == [f"network-0000{i}.safetensors" for i in range(3)] + ["pdiff_networks.json"]
+    expected = sample(pipe, seed=7, num_models=3, steps=4)  # the same seed in this process: the same networks
+    for i in range(3):
+        net = fresh_network(pipe)
+        net.load_state_dict(load_file(out / f"network-0000{i}.safetensors"), strict=True)
+        assert torch.equal(pipe.layout.flatten(net), expected[i])
+    spec = json.loads((out / "pdiff_networks.json").read_text())
+    assert spec["layout"] == pipe.layout.to_dict() and spec["task"]["name"] == "digits" and spec["network"]["name"] == "small_cnn"
+
+
+def test_dataset_format_matches_collect_and_evaluate_prints_accuracy(generator, dataset, tmp_path, capsys):
+    pipe, folder = generator
+    out = tmp_path / "generated"
+    assert cli(["sample", "--model", str(folder), "--num-models", "5", "--steps", "4", "--seed", "3", "--out", str(out), "--format", "dataset", "--evaluate"]) == 0
+    printed = capsys.readouterr().out
+    assert "sampled 5 networks" in printed and " val accuracy  best" in printed and "test accuracy  best" in printed
+
+    generated = ParameterDataset.from_pretrained(out)
+    assert len(generated) == 5 and generated.dim == dataset.dim
+    assert generated.rows.features == dataset.rows.features  # the schema of `pdiff collect`
+    assert generated.layout == dataset.layout and generated.task_config == dataset.task_config
+    assert generated.info["generated"] is True
+    assert all(torch.equal(generated.base_state[k], dataset.base_state[k]) for k in dataset.base_state)
+    params = sample(pipe, seed=3, num_models=5, steps=4)
+    assert torch.equal(generated.vectors, params)
+    task = Task(dataset.task_config)
+    for split in ("val", "test"):
+        scores = evaluate_vectors(pipe.target.net, pipe.layout, params, task.data.split(split), task.data.prepare)
+        assert generated.column(f"{split}_accuracy").tolist() == pytest.approx(scores.accuracy.tolist(), abs=0)
+        acc = scores.accuracy
+        assert f"best {acc.max():.4f}  mean {acc.mean():.4f}" in printed
+    net = generated.build_network(0)  # usable like a collected dataset
+    assert torch.equal(pipe.layout.flatten(net), params[0])
+
+
+def test_existing_out_is_refused_without_overwrite(generator, tmp_path, capsys):
+    _, folder = generator
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["sample", "--model", str(folder), "--num-models", "2", "--steps", "2", "--out", str(out)]
+    assert cli(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert cli([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["network-00000.safetensors", "network-00001.safetensors", "pdiff_networks.json"]
+
+
+def test_sampler_dtype_and_bad_model(generator, tmp_path, capsys):
+    pipe, folder = generator
+    out = tmp_path / "ddpm"
+    assert cli(["sample", "--model", str(folder), "--num-models", "2", "--steps", "3", "--sampler", "ddpm", "--dtype", "bf16", "--out", str(out), "--format", "dataset"]) == 0
+    generated = ParameterDataset.from_pretrained(out)
+    assert torch.isfinite(generated.vectors).all() and generated.vectors.dtype == torch.float32
+    assert cli(["sample", "--model", str(tmp_path / "no-generator"), "--out", str(tmp_path / "x")]) == 2
+    assert "no generator folder" in capsys.readouterr().err
+    assert cli(["sample", "--model", str(folder), "--num-models", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "num_models must be positive" in capsys.readouterr().err
+
+
+def test_evaluate_with_the_original_dataset_writes_the_full_report(generator, digits_params, tmp_path, capsys):
+    _, folder = generator
+    out = tmp_path / "gen"
+    assert cli(["sample", "--model", str(folder), "--num-models", "4", "--steps", "3", "--out", str(out), "--evaluate", "--dataset", str(digits_params)]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "weight average" in printed
+    report = json.loads((tmp_path / "gen-report" / "report.json").read_text())
+    assert report["generated"]["count"] == 4 and report["originals"]["count"] == 24
