@@ -11,10 +11,14 @@ frozen base weights plus one parameter vector rebuild exactly the network that w
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # `accelerate launch pdiff/collect.py` puts pdiff/ itself on sys.path; use the repository root instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +29,12 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batched import evaluate_vectors
-from .config import load_config, to_dict
-from .dataset import ParameterDataset, check_output_dir
-from .params import ParameterLayout, select_parameters
-from .tasks import Task
-from .tasks.data import Split
+from pdiff.batched import evaluate_vectors
+from pdiff.config import load_config, to_dict
+from pdiff.dataset import ParameterDataset, check_output_dir
+from pdiff.params import ParameterLayout, select_parameters
+from pdiff.tasks import Task
+from pdiff.tasks.data import Split
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -47,7 +47,7 @@ logger = get_logger(__name__)
 
 STATE_FILE = "pdiff_state.json"  # written last into a checkpoint: marks it complete
 # Keys that may change between a run and its resumption without changing what is computed.
-RESUMABLE_KEYS = ("train.resume_from_checkpoint", "train.report_to", "train.run_name", "train.wandb_project", "train.log_every",
+RESUMABLE_KEYS = ("output_dir", "generator_dir", "train.resume_from_checkpoint", "train.report_to", "train.run_name", "train.wandb_project", "train.log_every",
                   "train.checkpointing_steps", "train.checkpoints_total_limit", "train.eval_every", "train.eval_num_models",
                   "train.num_final_models", "overwrite", "hub.", "generator.sampler", "generator.num_inference_steps")
 
@@ -62,9 +62,10 @@ class TrainingDivergedError(RuntimeError):
 def check_config(cfg: DictConfig) -> None:
     """Reject settings that cannot work here, before any process group is created."""
     t = cfg.train
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: use no, bf16 or fp16")
-    if t.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+    if t.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: use no, bf16, fp16, or null for the launcher's setting")
+    precision = t.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     if t.phase not in ("all", "autoencoder", "diffusion"):
         raise ConfigError(f"train.phase={t.phase!r}: use all, autoencoder or diffusion")
@@ -110,10 +111,15 @@ def sampling_scheduler(cfg: DictConfig, noise_scheduler: DDPMScheduler):
     return cls.from_config(noise_scheduler.config)
 
 
-def batch_indices(num_rows: int, batch_size: int, seed: int, rank: int, step: int, micro: int, device) -> torch.Tensor:
-    """Rows for one micro-batch: a pure function of (seed, rank, step), so resuming needs no sampler state."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
-    return torch.randint(num_rows, (batch_size,), generator=g).to(device)
+def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
+    """The random source of one micro-batch: a pure function of (seed, rank, step, micro-batch).
+
+    Batches, noise and timesteps all come from it, so a resumed run draws exactly what the
+    uninterrupted one drew, with no random state to save, and each rank draws its own.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro)
+    return g
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -213,6 +219,7 @@ def accuracy_stats(prefix: str, acc: torch.Tensor) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file otherwise
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     check_config(cfg)
     t = cfg.train
@@ -230,8 +237,13 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         diffs = config_differences(saved["config"], to_dict(cfg))
         if diffs:
             raise ConfigError(f"cannot resume from {resume_path}: its config differs in\n  " + "\n  ".join(diffs) + "\nresume with the same settings, or start a new output_dir")
-    elif main_process and cfg.train.phase != "diffusion" and complete_checkpoints(checkpoint_root(cfg)) and not cfg.overwrite:
-        raise FileExistsError(f"{checkpoint_root(cfg)} holds checkpoints of an earlier run: pass train.resume_from_checkpoint=latest to continue it, or overwrite=true to start over")
+    elif complete_checkpoints(checkpoint_root(cfg)):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{checkpoint_root(cfg)} holds checkpoints of an earlier run: pass train.resume_from_checkpoint=latest to continue it, or overwrite=true to start over")
+        if main_process:  # starting over: the old run's checkpoints must not be mistaken for this one's
+            shutil.rmtree(checkpoint_root(cfg))
+            (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
     set_seed(int(cfg.seed), device_specific=True)
 
     dataset, task = load_parameter_dataset(cfg)
@@ -281,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         model.train()
         for micro in range(int(t.gradient_accumulation_steps)):
             with accelerator.accumulate(model):
-                idx = batch_indices(len(dataset), int(t.batch_size), int(cfg.seed), accelerator.process_index, step, micro, device)
-                loss = autoencoder_loss(ae, vectors[idx]) if in_ae_phase else diffusion_loss(unet, noise_scheduler, latents[idx])
+                g = step_generator(int(cfg.seed), accelerator.process_index, step, micro, device)
+                idx = torch.randint(len(dataset), (int(t.batch_size),), generator=g, device=device)
+                loss = autoencoder_loss(ae, vectors[idx], g) if in_ae_phase else diffusion_loss(unet, noise_scheduler, latents[idx], g)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), float(t.max_grad_norm)) if accelerator.sync_gradients else None
                 opt.step()
@@ -311,9 +324,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                     f"{phase}/samples_per_s": steps_per_s * int(t.batch_size) * world * int(t.gradient_accumulation_steps)}
             if grad_norm is not None:
                 logs[f"{phase}/grad_norm"] = float(grad_norm)
-            accelerator.log(logs, step=step)
+            log(accelerator, cfg, logs, step)
             progress.set_postfix(loss=f"{mean_loss:.4g}", phase=phase)
-        if t.checkpointing_steps and step % int(t.checkpointing_steps) == 0 and step < total_steps:
+        if t.checkpointing_steps and (step % int(t.checkpointing_steps) == 0 or step == total_steps):
             save_checkpoint(accelerator, cfg, step)
         if not in_ae_phase and t.eval_every and step % int(t.eval_every) == 0 and step < total_steps:
             evaluate_during_training(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, step, best)
@@ -323,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             accelerator.wait_for_everyone()
 
     progress.close()
+    check_replicas_in_sync(accelerator, cfg, ae, unet)
     result = None
     if t.phase != "autoencoder":
         result = finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best)
@@ -331,14 +345,52 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     return result
 
 
-def autoencoder_loss(ae, batch: torch.Tensor) -> torch.Tensor:
+def log(accelerator: Accelerator, cfg: DictConfig, logs: dict, step: int) -> None:
+    """Log to the trackers and append to `<output_dir>/metrics.jsonl` (readable without any tracker)."""
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def state_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas_in_sync(accelerator: Accelerator, cfg: DictConfig, ae, unet) -> None:
+    """Compare every rank's weights after training; record the digests in `<output_dir>/replicas.json`.
+
+    DDP keeps replicas identical by construction; a difference means a rank trained on something the
+    others did not (a bug, or non-deterministic kernels), and the saved generator is only rank 0's.
+    """
+    from accelerate.utils import gather_object
+
+    mine = {"ae": state_digest(accelerator.unwrap_model(ae)), "unet": state_digest(accelerator.unwrap_model(unet))}
+    digests = gather_object([mine])
+    if accelerator.is_main_process:
+        in_sync = all(d == digests[0] for d in digests)
+        record = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision, "in_sync": in_sync, "digests": digests}
+        (Path(cfg.output_dir) / "replicas.json").write_text(json.dumps(record, indent=2))
+        if not in_sync:
+            logger.warning("the ranks ended with different weights; the saved generator is rank 0's", main_process_only=True)
+
+
+def autoencoder_loss(ae, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Reconstruction error of noise-augmented normalised parameters (p-diff's autoencoder objective)."""
     x = accelerator_unwrapped(ae).normalize(batch)
-    return F.mse_loss(ae(x).reconstruction.float(), x)
+    return F.mse_loss(ae(x, generator=generator).reconstruction.float(), x)
 
 
-def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0: torch.Tensor) -> torch.Tensor:
-    noise = torch.randn_like(x0)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction loss at uniformly drawn timesteps, one per sample."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
     return F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
 
@@ -347,6 +399,7 @@ def accelerator_unwrapped(model):
     return model.module if hasattr(model, "module") else model
 
 
+@torch.no_grad()
 def prepare_latents(accelerator, ae, vectors, task, target, dataset, step, trained_here: bool, cfg) -> torch.Tensor:
     """Encode the dataset once (eval mode, no noise); fix the latent scale; log reconstruction quality."""
     ae_model = accelerator.unwrap_model(ae).eval()
@@ -361,7 +414,7 @@ def prepare_latents(accelerator, ae, vectors, task, target, dataset, step, train
         orig = torch.tensor(dataset.column("val_accuracy"))
         logs = {**accuracy_stats("ae/recon_val_acc", acc), **accuracy_stats("ae/original_val_acc", orig),
                 "ae/recon_mse": float(F.mse_loss(ae_model.normalize(recon), ae_model.normalize(vectors)))}
-        accelerator.log(logs, step=step)
+        log(accelerator, cfg, logs, step)
         logger.info(f"autoencoder reconstruction: val acc median {logs['ae/recon_val_acc_median']:.4f} (originals {logs['ae/original_val_acc_median']:.4f})", main_process_only=True)
     return latents
 
@@ -380,7 +433,7 @@ def evaluate_during_training(cfg, accelerator, ae, unet, ema, noise_scheduler, t
         params = pipe(num_models=int(cfg.train.eval_num_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed))).params
         acc = score_on_validation(task, target, params, accelerator.device)
         logs = accuracy_stats("eval/val_acc", acc)
-        accelerator.log(logs, step=step)
+        log(accelerator, cfg, logs, step)
         if logs["eval/val_acc_median"] > best["val_acc_median"]:
             best.update(val_acc_median=logs["eval/val_acc_median"], step=step)
             save_generator(pipe, Path(cfg.output_dir) / "best_generator")

@@ -27,7 +27,11 @@ class AutoencoderOutput(BaseOutput):
     """`reconstruction`: normalised parameters [B, D]; `latent`: [B, C, L] (unscaled)."""
 
     reconstruction: torch.Tensor
-    latent: torch.Tensor
+    latent: torch.Tensor | None = None  # optional, as diffusers outputs are, so Accelerate can rebuild it from a dict
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _block(c_in: int, c_out: int, groups: int, conv: nn.Module) -> nn.Sequential:
@@ -116,11 +120,11 @@ class ParameterAutoencoder(ModelMixin, ConfigMixin):
         return x * self.scale + self.shift
 
     # -- encoder / decoder on normalised vectors -------------------------------------------
-    def encode(self, x: torch.Tensor, add_noise: bool | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, add_noise: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised vectors [B, D] -> latents [B, C, L]; input noise is added in training mode by default."""
         add_noise = self.training if add_noise is None else add_noise
         if add_noise and self.config.input_noise > 0:
-            x = x + torch.randn_like(x) * self.config.input_noise
+            x = x + _noise_like(x, generator) * self.config.input_noise
         x = nn.functional.pad(x, (0, self.padded_dim - x.shape[-1]))
         return self.encoder(x.unsqueeze(1))
 
@@ -128,11 +132,12 @@ class ParameterAutoencoder(ModelMixin, ConfigMixin):
         """Latents [B, C, L] -> normalised vectors [B, D]."""
         return self.decoder(latent).squeeze(1)[:, : self.config.param_dim]
 
-    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        latent = self.encode(x)
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> AutoencoderOutput:
+        """Encode and decode; in training mode with the input and latent noise of the config."""
+        latent = self.encode(x, generator=generator)
         noisy = latent
         if self.training and self.config.latent_noise > 0:
-            noisy = latent + torch.randn_like(latent) * self.config.latent_noise
+            noisy = latent + _noise_like(latent, generator) * self.config.latent_noise
         return AutoencoderOutput(reconstruction=self.decode(noisy), latent=latent)
 
     # -- the interface diffusion uses -------------------------------------------------------

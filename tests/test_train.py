@@ -1,0 +1,185 @@
+"""Stage 2: generator training under Accelerate — DDP, bf16, resume, EMA, W&B, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pdiff.config import ConfigError
+from pdiff.train import STATE_FILE, TrainingDivergedError, complete_checkpoints, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A generator small enough to train a dozen steps in a few seconds; real shapes, real code paths.
+TINY = [
+    "cpu=true",
+    "generator.autoencoder.channels=[8,16]",
+    "generator.unet.block_out_channels=[8,16]",
+    "generator.num_inference_steps=4",
+    "train.ae_steps=6",
+    "train.diffusion_steps=6",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_num_models=4",
+    "train.num_final_models=6",
+    "train.checkpointing_steps=4",
+    "train.lr_warmup_steps=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its own Accelerator (e.g. bf16 after fp32), as a new process would."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_train(out: Path, dataset: Path, *overrides: str) -> dict | None:
+    return main([f"output_dir={out}", f"dataset_dir={dataset}", *TINY, *overrides])
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r.get("ae/loss", r.get("diffusion/loss")) for r in rows if "ae/loss" in r or "diffusion/loss" in r}
+
+
+def test_train_writes_a_loadable_generator_and_report(tmp_path, digits_params):
+    report = run_train(tmp_path, digits_params)
+    gen = tmp_path / "generator"
+    assert (gen / "model_index.json").exists() and (gen / "report.json").exists()
+    assert {p.name for p in gen.iterdir()} >= {"autoencoder", "unet", "scheduler", "target", "README.md"}
+    assert not list(gen.rglob("*.bin")) and not list(gen.rglob("*.pkl"))  # safetensors and JSON only
+    assert report["generated"]["count"] == 6 and report["selected"]["selected_on"] == "validation"
+    steps = losses(tmp_path)
+    assert sorted(steps) == list(range(1, 13)) and all(map(torch.isfinite, torch.tensor(list(steps.values()))))
+    replicas = json.loads((tmp_path / "replicas.json").read_text())
+    assert replicas["num_processes"] == 1 and replicas["in_sync"]
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path, digits_params):
+    run_train(tmp_path, digits_params, "train.mixed_precision=bf16")
+    assert json.loads((tmp_path / "replicas.json").read_text())["mixed_precision"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(list(losses(tmp_path).values()))))
+    # Parameters stay float32 under autocast; the saved generator is float32.
+    unet = load_file(str(tmp_path / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in unet.values())
+
+
+@pytest.mark.parametrize("resume_step", [4, 8])  # inside the autoencoder phase, and inside diffusion
+def test_resume_continues_with_the_same_losses(tmp_path, digits_params, resume_step):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_train(full, digits_params, "train.checkpoints_total_limit=null")
+    checkpoint = full / "checkpoints" / f"checkpoint-{resume_step}"
+    assert (checkpoint / STATE_FILE).exists()
+    run_train(resumed, digits_params, f"train.resume_from_checkpoint={checkpoint}")
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(resume_step + 1, 13))
+    assert all(a[s] == b[s] for s in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}
+
+
+def test_resume_latest_and_refusals(tmp_path, digits_params):
+    run_train(tmp_path, digits_params)
+    # total limit 2 by default: the last two checkpoints survive, including the final step
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-8", "checkpoint-12"]
+    # an interrupted save (no state file) is never taken for the latest checkpoint
+    (tmp_path / "checkpoints" / "checkpoint-99").mkdir()
+    assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == "checkpoint-12"
+    # a second run into the same folder neither silently resumes nor overwrites
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint=latest"):
+        run_train(tmp_path, digits_params)
+    # resuming with a different config names the keys that differ
+    with pytest.raises(ConfigError, match="generator.autoencoder.latent_noise"):
+        run_train(tmp_path, digits_params, "train.resume_from_checkpoint=latest", "generator.autoencoder.latent_noise=0.5")
+
+
+def test_ema_weights_are_what_gets_saved(tmp_path, digits_params):
+    run_train(tmp_path, digits_params, "train.ema_decay=0.9")
+    saved = load_file(str(tmp_path / "generator" / "unet" / "diffusion_pytorch_model.safetensors"))
+    last = tmp_path / "checkpoints" / "checkpoint-12"
+    ema = load_file(str(last / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(last / "model_1.safetensors"))
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # EMA != the raw weights
+
+
+def test_wandb_offline_run_logs_the_training_keys(tmp_path, digits_params, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_train(tmp_path, digits_params, "train.report_to=wandb", "train.eval_every=3")
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    expected = {"ae/loss", "ae/lr", "ae/grad_norm", "diffusion/loss", "diffusion/steps_per_s", "ae/recon_val_acc_median", "eval/val_acc_median", "eval/generated/val_median"}
+    assert wandb_logged(files[0], expected) == expected
+    assert "eval/never_logged".encode() not in files[0].read_bytes()
+
+
+def wandb_logged(path: Path, keys: set[str]) -> set[str]:
+    """Which of `keys` the offline run file holds. wandb no longer ships a Python reader for its binary
+    log (the Go core writes it), so look for the keys' UTF-8 bytes in the protobuf records."""
+    import time
+
+    deadline = time.monotonic() + 30  # wandb's core process may still be flushing the file after finish()
+    while True:
+        data = path.read_bytes()
+        found = {k for k in keys if k.encode() in data}
+        if found == keys or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path, digits_params):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631",
+           str(REPO / "pdiff" / "train.py"), f"output_dir={tmp_path}", f"dataset_dir={digits_params}", *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replicas = json.loads((tmp_path / "replicas.json").read_text())
+    assert replicas["num_processes"] == 2
+    assert replicas["in_sync"] and replicas["digests"][0] == replicas["digests"][1]
+    assert (tmp_path / "generator" / "model_index.json").exists()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, digits_params):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        run_train(tmp_path, digits_params, "train.mixed_precision=fp16")
+
+
+def test_nan_in_the_dataset_is_refused(tmp_path, digits_params):
+    from pdiff import ParameterDataset
+
+    ds = ParameterDataset.from_pretrained(digits_params)
+    vectors = ds.vectors.clone()
+    vectors[3, 5] = float("nan")
+    columns = {c: ds.column(c) for c in ds.rows.column_names if c != "params"}
+    bad = tmp_path / "bad"
+    ParameterDataset.from_vectors(vectors, columns, ds.layout, ds.task_config, ds.base_state).save_to_disk(bad)
+    with pytest.raises(ValueError, match=r"NaN or Inf \(rows \[3\]"):
+        run_train(tmp_path / "run", bad)
+
+
+def test_dataset_of_another_task_is_refused(tmp_path, digits_params):
+    with pytest.raises(ValueError, match="does not fit task"):
+        run_train(tmp_path, digits_params, "task=fake_cifar_resnet18")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_params):
+    with pytest.raises(TrainingDivergedError, match="checkpoint-4"):
+        # An absurd learning rate blows the denoiser up right after the checkpoint at step 4.
+        run_train(tmp_path, digits_params, "train.diffusion_lr=1e30", "train.lr_warmup_steps=0")
+    good = complete_checkpoints(tmp_path / "checkpoints")
+    assert good and all(torch.isfinite(t).all() for t in load_file(str(good[-1] / "model.safetensors")).values())
