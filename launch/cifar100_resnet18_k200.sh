@@ -65,5 +65,5 @@ else
     run "$PDIFF" collect "${common[@]}" "task.param.k=$K" "${overrides[@]}"
 fi
 
-log "step 2/2: train the generator (train=paper) and evaluate what it generates"
-DRY_RUN="$DRY_RUN" "$(dirname "${BASH_SOURCE[0]}")/single_node.sh" -- "${common[@]}" train=paper "task.param.k=$K" "${overrides[@]}"
+log "step 2/2: train the generator (generator=paper train=paper) and evaluate what it generates"
+DRY_RUN="$DRY_RUN" "$(dirname "${BASH_SOURCE[0]}")/single_node.sh" -- "${common[@]}" generator=paper train=paper "task.param.k=$K" "${overrides[@]}"
