@@ -276,7 +276,7 @@ def test_cifar100_baseline_dry_run(tmp_path):
     common = ["task=cifar100_resnet18", "output_dir=/data/c100", "task.data.root=/data/cifar"]
     assert collect == ["pdiff", "collect", *common, "task.param.k=200", "train.report_to=wandb"]
     assert train[:2] == ["accelerate", "launch"] and flag(train, "--num_processes") == "2" and "--multi_gpu" in train
-    assert train[train.index(TRAIN) + 1 :] == [*common, "train=paper", "task.param.k=200", "train.report_to=wandb"]
+    assert train[train.index(TRAIN) + 1 :] == [*common, "generator=paper", "train=paper", "task.param.k=200", "train.report_to=wandb"]
     # An existing dataset is reused; --skip-collect goes straight to training.
     (tmp_path / "c100" / "params").mkdir(parents=True)
     (tmp_path / "c100" / "params" / "pdiff_dataset.json").write_text("{}")
@@ -289,12 +289,11 @@ def test_cifar100_baseline_overrides_compose():
     """The two steps' overrides name real config keys and groups (train=paper included)."""
     from pdiff.config import load_config
 
-    if not (REPO_ROOT / "configs" / "train" / "paper.yaml").exists():
-        pytest.skip("configs/train/paper.yaml is not written yet")
     collect, train = commands(launch("cifar100_resnet18_k200.sh", "--dry-run", NUM_GPUS="1"))
     assert load_config(collect[2:]).task.param.k == 200
     cfg = load_config(train[train.index(TRAIN) + 1 :])
     assert cfg.task.name == "cifar100_resnet18" and cfg.generator_dir == "outputs/cifar100_resnet18_k200/generator"
+    assert cfg.train.ae_lr == 2e-5 and cfg.generator.unet.block_out_channels == [32, 64, 128, 256]
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
