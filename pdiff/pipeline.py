@@ -7,6 +7,11 @@
 Components: `autoencoder` (ParameterAutoencoder: latent <-> parameters, with normalisation),
 `unet` (UNet1DModel denoiser), `scheduler` (DDPM or DDIM) and `target` (TargetNetwork: base weights,
 layout and task spec). All networks of a call are sampled in one batched chain.
+
+Loading: `PDiffPipeline.from_pretrained` is the checked path (folders and Hub repo ids, the HF cache,
+offline mode; safetensors only, strict weights, no code from the repository). After `import pdiff`,
+diffusers' own `DiffusionPipeline.from_pretrained(folder)` loads a generator folder too; for a Hub repo
+id diffusers would expect the components' code in the repository (remote code), so use this class.
 """
 
 from __future__ import annotations
