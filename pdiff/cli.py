@@ -4,6 +4,7 @@
     pdiff train task=digits                         # stage 2 in this process (`accelerate launch pdiff/train.py` for many)
     pdiff config task=fashion_mnist                 # print the composed config
     pdiff sample --model outputs/digits/generator --num-models 100 --out samples/
+    pdiff bench --task digits --out bench.json      # speed, memory, accuracy and novelty of every stage
     pdiff sweep configs/sweeps/noise_grid.yaml --local   # a W&B sweep, trials run here (no server)
     pdiff evaluate --dataset outputs/digits/params --generated samples/ --out outputs/digits/eval
 """
@@ -104,16 +105,34 @@ def _sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import main
+
+    main(args)
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="digits", help="task to run the whole pipeline on (default digits; fashion_mnist, ...)")
+    p.add_argument("--model", default=None, help="measure only sampling + evaluation of a saved generator (folder or Hub id)")
+    p.add_argument("--dataset", default=None, help="with --model: the original parameter dataset, to evaluate against")
+    p.add_argument("--num-models", type=int, default=200, help="networks to sample and evaluate")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50); DDPM always runs all its steps")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--workdir", default=None, help="keep the run's dataset and generator here (default: a temporary folder)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "collect": (_collect, "train a network and collect K checkpoints of its chosen parameters"),
     "train": (_train, "train the generator (autoencoder + latent diffusion) in this process"),
     "config": (_config, "print the composed config for the given overrides"),
     "sweep": (_sweep, "run a W&B sweep file: print the W&B commands, or run trials here with --local"),
     "sample": (_sample, "generate networks with a trained generator (folder or Hub) and write them out"),
+    "bench": (_bench, "time collect/train/sample/evaluate (or a saved generator) and print JSON"),
     "evaluate": (_evaluate, "evaluate generated networks against the originals, baselines and novelty; write report.json + plots"),
 }
 # Commands with options of their own, added before the positional overrides.
-OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"sweep": _sweep_options, "evaluate": _evaluate_options, "sample": _sample_options}
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"sweep": _sweep_options, "evaluate": _evaluate_options, "sample": _sample_options, "bench": _bench_options}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -280,10 +280,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
     target = TargetNetwork.from_dataset(dataset)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not main_process)
-    history: dict[str, list] = {"loss": []}
     best = {"val_acc_median": -1.0, "step": None}
     latents = None
     last_log = (time.perf_counter(), step)
+    timing = {"ae": {"steps": 0, "seconds": 0.0}, "diffusion": {"steps": 0, "seconds": 0.0}}  # optimizer steps only
 
     while step < total_steps:
         in_ae_phase = step < ae_steps
@@ -291,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             latents = prepare_latents(accelerator, ae, vectors, task, target, dataset, step, train_ae, cfg)
         model, opt, sched = (ae, opt_ae, lr_ae) if in_ae_phase else (unet, opt_unet, lr_unet)
         model.train()
+        step_started = time.perf_counter()
         for micro in range(int(t.gradient_accumulation_steps)):
             with accelerator.accumulate(model):
                 g = step_generator(int(cfg.seed), accelerator.process_index, step, micro, device)
@@ -312,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if not in_ae_phase and ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         step += 1
+        bucket = timing["ae" if in_ae_phase else "diffusion"]
+        bucket["steps"] += 1
+        bucket["seconds"] += time.perf_counter() - step_started
         progress.update(1)
-        history["loss"].append(mean_loss)
 
         if step % int(t.log_every) == 0 or step == total_steps:
             now = time.perf_counter()
@@ -337,12 +340,27 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
     progress.close()
     check_replicas_in_sync(accelerator, cfg, ae, unet)
+    training = training_summary(timing, int(t.batch_size) * world * int(t.gradient_accumulation_steps), accelerator)
     result = None
     if t.phase != "autoencoder":
-        result = finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best)
+        finish_started = time.perf_counter()
+        result = finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best, training)
+        training["final_evaluation_seconds"] = round(time.perf_counter() - finish_started, 3)
+    if main_process:
+        (Path(cfg.output_dir) / "timings.json").write_text(json.dumps(training, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def training_summary(timing: dict, global_batch: int, accelerator: Accelerator) -> dict:
+    """Throughput of each phase this run trained (resumed steps count from the resumption)."""
+    out = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+    for phase, t in timing.items():
+        if t["steps"]:
+            rate = t["steps"] / max(t["seconds"], 1e-9)
+            out[phase] = {"steps": t["steps"], "seconds": round(t["seconds"], 3), "steps_per_s": round(rate, 3), "samples_per_s": round(rate * global_batch, 1)}
+    return out
 
 
 def log(accelerator: Accelerator, cfg: DictConfig, logs: dict, step: int) -> None:
@@ -445,7 +463,7 @@ def save_generator(pipe: PDiffPipeline, path: Path, report: dict | None = None, 
         pipe.save_pretrained(tmp, report=report, plots=plots)
 
 
-def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best) -> dict | None:
+def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, dataset, step, best, training) -> dict | None:
     """Pick the generator (best on validation, else the last), evaluate it, save it, push it."""
     if not accelerator.is_main_process:
         return None
@@ -461,6 +479,7 @@ def finish(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, datas
     generated = pipe(num_models=int(cfg.train.num_final_models), num_inference_steps=int(cfg.generator.num_inference_steps), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
     report, plots = final_report(dataset, generated, task, cfg, accelerator, step)
     report["selected"] = {**selected, "selected_on": "validation"}
+    report["training"] = training
     save_generator(pipe, Path(cfg.generator_dir), report=report, plots=plots)
     logger.info(f"saved the generator to {cfg.generator_dir}", main_process_only=True)
     if cfg.hub.push_to_hub:

@@ -1,0 +1,174 @@
+"""`pdiff bench`: time every stage of the method on one task and write the figures as JSON.
+
+    pdiff bench                                   # digits: collect -> train -> sample -> evaluate
+    pdiff bench --task fashion_mnist --out bench-fashion.json
+    pdiff bench --model outputs/digits/generator --dataset outputs/digits/params --num-models 200
+    pdiff bench train.ae_steps=50 train.diffusion_steps=50 task.param.k=20     # a tiny budget
+
+Speed and memory are measured here, never asserted in tests. Peak memory is the process's resident
+set (and the CUDA allocator's peak on a GPU) at the end of each phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from . import __version__
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info = {"type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    return info
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux.
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+@contextmanager
+def phase(results: dict, name: str, device: torch.device) -> Iterator[dict]:
+    """Time a phase; the body may add figures (throughput) to the yielded dict."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    entry: dict[str, Any] = {}
+    started = time.perf_counter()
+    yield entry
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    entry.setdefault("seconds", round(time.perf_counter() - started, 3))
+    entry.update(peak_memory_mb(device))
+    results[name] = entry
+
+
+def _fresh_accelerator_state() -> None:
+    """Stages build their own Accelerator; in one process the previous one's state must go first."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
+    """Run all four stages on `task` in `workdir`; return the per-phase figures and the outcome."""
+    from .collect import collect
+    from .config import load_config
+    from .train import main as train_main
+
+    cpu = ["cpu=true"] if device.type == "cpu" else []
+    base = [f"task={task}", f"output_dir={workdir}", "overwrite=true", *cpu, *overrides]
+    phases: dict[str, Any] = {}
+
+    with phase(phases, "collect", device) as entry:
+        _fresh_accelerator_state()
+        dataset = collect(load_config(base))
+        entry.update(checkpoints=len(dataset), dim=dataset.dim, checkpoints_per_s=round(len(dataset) / max(dataset.info["collect_seconds"], 1e-9), 2),
+                     base_training_seconds=dataset.info["base_seconds"])
+
+    with phase(phases, "train", device) as entry:
+        _fresh_accelerator_state()
+        report = train_main([*base, "train.report_to=none", f"train.num_final_models={num_models}"])
+        entry.update(report.get("training", {}))
+    training = phases.pop("train")
+    phases["autoencoder"] = {**training.get("ae", {}), "peak_rss_mb": training["peak_rss_mb"]}
+    phases["diffusion"] = {**training.get("diffusion", {}), "peak_rss_mb": training["peak_rss_mb"]}
+    phases["train_total"] = {"seconds": training["seconds"], "final_evaluation_seconds": training.get("final_evaluation_seconds"), "mixed_precision": training.get("mixed_precision")}
+
+    generator = workdir / "generator"
+    phases.update(bench_generator(generator, workdir / "params", device, num_models, steps))
+    return {"phases": phases, "outcome": outcome(report)}
+
+
+def bench_generator(model: str | Path, dataset_path: str | Path | None, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
+    """Sampling and evaluation of `num_models` networks from a saved generator."""
+    from .dataset import ParameterDataset
+    from .evaluate import benchmark_evaluation, evaluate_generated
+    from .sample import load_generator, task_of
+
+    phases: dict[str, Any] = {}
+    with phase(phases, "load_generator", device):
+        pipe = load_generator(str(model), device=str(device))
+    for sampler, n_steps in (("ddim", steps or 50), ("ddpm", None)):
+        with phase(phases, f"sampling_{sampler}", device) as entry:
+            from diffusers import DDIMScheduler, DDPMScheduler
+
+            pipe.scheduler = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(pipe.scheduler.config)
+            started = time.perf_counter()
+            params = pipe(num_models=num_models, num_inference_steps=n_steps, generator=torch.Generator().manual_seed(0)).params
+            seconds = time.perf_counter() - started
+            entry.update(num_models=num_models, steps=len(pipe.scheduler.timesteps), seconds=round(seconds, 3), networks_per_s=round(num_models / seconds, 2))
+    if dataset_path is None:
+        return phases
+    originals = ParameterDataset.from_pretrained(dataset_path)
+    with phase(phases, "evaluation", device) as entry:
+        report = evaluate_generated(originals, params, task=task_of(pipe), device=device)
+        entry.update(report["timing"])
+        entry["outcome"] = outcome(report)
+    with phase(phases, "evaluation_batched_vs_one_by_one", device) as entry:
+        entry.update(benchmark_evaluation(originals, params, "test", device=device, max_one_by_one=min(20, num_models)))
+    return phases
+
+
+def outcome(report: dict[str, Any]) -> dict[str, Any]:
+    """Generated vs original accuracy and novelty: the numbers a reader of a benchmark wants first."""
+    keep = ("best", "mean", "median", "min")
+    return {
+        "originals": {s: {k: report["originals"][s][k] for k in keep} for s in ("val", "test")},
+        "generated": {s: {k: report["generated"][s][k] for k in keep} for s in ("val", "test")},
+        "generated_test_at_best_val": report["generated"]["best_on_val"]["test_accuracy"],
+        "nearest_original_iou_mean": report["similarity"]["generated_original"]["iou"]["mean"],
+        "original_original_iou_mean": report["similarity"]["original_original"]["iou"]["mean"],
+        "verdict": report["verdict"]["text"],
+    }
+
+
+def main(args) -> dict[str, Any]:
+    """`pdiff bench` (options in `pdiff.cli`)."""
+    device = resolve_device(args.device)
+    result: dict[str, Any] = {
+        "pdiff_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_info(device),
+    }
+    if args.model:
+        result.update(mode="generator", model=str(args.model), phases=bench_generator(args.model, args.dataset, device, args.num_models, args.steps))
+    else:
+        task = args.task
+        result.update(mode="pipeline", task=task, overrides=list(args.overrides))
+        with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
+            result.update(bench_pipeline(task, args.overrides, Path(args.workdir or tmp), device, args.num_models, args.steps))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.rename(out)
+    print(text)
+    return result
+

@@ -1,0 +1,40 @@
+"""`pdiff bench`: the whole pipeline on a tiny budget produces valid, complete JSON."""
+
+from __future__ import annotations
+
+import json
+
+TINY = [
+    "task.param.k=12", "task.base.epochs=4", "task.param.warmup_steps=2",
+    "train.ae_steps=8", "train.diffusion_steps=8", "train.eval_every=0", "train.checkpointing_steps=0",
+    "generator.autoencoder.channels=[8,16]", "generator.unet.block_out_channels=[8,16]",
+    "generator.scheduler.num_train_timesteps=20", "generator.num_inference_steps=4",
+]
+
+
+def test_bench_pipeline_writes_json(tmp_path, run_cli):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--device", "cpu", "--num-models", "6", "--steps", "4", "--out", str(out), "--workdir", str(tmp_path / "work"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == result  # the same JSON on stdout
+    assert result["mode"] == "pipeline" and result["task"] == "digits" and result["device"]["type"] == "cpu"
+    phases = result["phases"]
+    for name in ("collect", "autoencoder", "diffusion", "sampling_ddim", "sampling_ddpm", "evaluation"):
+        assert phases[name]["seconds"] > 0 and phases[name]["peak_rss_mb"] > 0, name
+    assert phases["collect"]["checkpoints"] == 12 and phases["autoencoder"]["steps"] == 8 and phases["diffusion"]["steps"] == 8
+    assert phases["sampling_ddim"]["steps"] == 4 and phases["sampling_ddpm"]["steps"] == 20
+    assert phases["evaluation_batched_vs_one_by_one"]["identical"] is True
+    outcome = result["outcome"]
+    assert 0 <= outcome["generated"]["test"]["median"] <= 1 and 0 <= outcome["nearest_original_iou_mean"] <= 1
+    assert "noise" in outcome["verdict"]
+
+
+def test_bench_a_saved_generator(tmp_path, run_cli):
+    work = tmp_path / "work"
+    assert run_cli("bench", "--device", "cpu", "--num-models", "4", "--steps", "2", "--workdir", str(work), *TINY).returncode == 0
+    proc = run_cli("bench", "--model", str(work / "generator"), "--dataset", str(work / "params"), "--num-models", "5", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["mode"] == "generator" and set(result["phases"]) >= {"load_generator", "sampling_ddim", "sampling_ddpm", "evaluation"}
+    assert result["phases"]["sampling_ddim"]["num_models"] == 5
