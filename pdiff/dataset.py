@@ -58,6 +58,7 @@ class ParameterDataset:
         self.task_config = dict(task_config)
         self.base_state = dict(base_state)
         self.info = dict(info or {})
+        self._vectors: torch.Tensor | None = None
         feature = rows.features.get("params")
         if feature is None or getattr(feature, "length", None) != layout.dim:
             raise InvalidParameterDatasetError(
@@ -85,9 +86,12 @@ class ParameterDataset:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """All K vectors as one float32 tensor [K, D], exactly the stored values."""
-        table = self.rows.with_format("numpy")["params"]
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(table, dtype=np.float32)).reshape(len(self), self.dim))
+        """All K vectors as one float32 tensor [K, D], exactly the stored values (read once, then cached)."""
+        if self._vectors is None:
+            table = self.rows.with_format("numpy")["params"]
+            self._vectors = torch.from_numpy(np.ascontiguousarray(np.asarray(table, dtype=np.float32)).reshape(len(self), self.dim))
+            self._vectors.requires_grad_(False)
+        return self._vectors
 
     def column(self, name: str) -> np.ndarray:
         return np.asarray(self.rows[name])

@@ -39,7 +39,7 @@ class StagedNetwork(nn.Module):
 class SmallCNN(StagedNetwork):
     """Three conv-BN-ReLU blocks (strides 1, 2, 2), global average pooling and a linear classifier.
 
-    Small enough to train in seconds on 8x8 digits, accurate (~90%) on 28x28 Fashion-MNIST.
+    Small enough to train in seconds on 8x8 digits; ~87% on 28x28 Fashion-MNIST after 3 epochs.
     """
 
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)):
