@@ -183,3 +183,15 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digit
         run_train(tmp_path, digits_params, "train.diffusion_lr=1e30", "train.lr_warmup_steps=0")
     good = complete_checkpoints(tmp_path / "checkpoints")
     assert good and all(torch.isfinite(t).all() for t in load_file(str(good[-1] / "model.safetensors")).values())
+
+
+def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path, digits_params):
+    """The fast digits default, on a shorter budget: generated networks land in the originals' range."""
+    report = main([f"output_dir={tmp_path}", f"dataset_dir={digits_params}", "cpu=true", "train.ae_steps=300", "train.diffusion_steps=400",
+                   "train.eval_every=200", "train.num_final_models=100", "generator.num_inference_steps=50", "train.checkpointing_steps=0"])
+    orig, gen = report["originals"], report["generated"]
+    one_example = 1 / report["splits"]["val"]
+    assert gen["val"]["median"] >= orig["val"]["min"] - one_example
+    assert gen["test"]["median"] >= orig["test"]["min"] - one_example
+    assert gen["val"]["best"] >= orig["val"]["median"]
+    assert report["selected"]["selected_on"] == "validation" and report["generated"]["nonfinite_indices"] == []
