@@ -1,0 +1,89 @@
+"""The README's commands: every `pdiff` command parses and composes, the launchers' commands dry-run,
+and the first set-up command's pipeline runs for real (on a tiny budget)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdiff.cli import build_parser
+from pdiff.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+TINY = ["task.param.k=12", "task.base.epochs=4", "task.param.warmup_steps=2", "train.ae_steps=8", "train.diffusion_steps=8",
+        "train.eval_every=0", "train.checkpointing_steps=0", "generator.autoencoder.channels=[8,16]",
+        "generator.unet.block_out_channels=[8,16]", "generator.scheduler.num_train_timesteps=20", "generator.num_inference_steps=4"]
+
+
+def commands() -> list[list[str]]:
+    """Each command of the README's bash blocks (split on && and comments), as argv lists."""
+    out = []
+    for block in BLOCKS:
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip().strip("()")
+                if part:
+                    out.append(shlex.split(part))
+    return out
+
+
+def pdiff_commands() -> list[list[str]]:
+    found = []
+    for argv in commands():
+        argv = [a.removeprefix(".venv/bin/") for a in argv]
+        if argv[0] == "pdiff":
+            found.append(argv[1:])
+        elif argv[:2] == ["accelerate", "launch"] and "pdiff/train.py" in argv:
+            found.append(["train", *argv[argv.index("pdiff/train.py") + 1 :]])
+    return found
+
+
+def test_readme_has_the_two_setup_commands():
+    setup = [b for b in BLOCKS if "pip install torch==2.14.1 torchvision==0.29.1" in b]
+    assert len(setup) == 2
+    assert "pytest -q" in setup[1] and "pytest -q" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("argv", pdiff_commands(), ids=lambda a: " ".join(a)[:60])
+def test_every_pdiff_command_parses_and_composes(argv):
+    args = build_parser().parse_args([a for a in argv if "=" not in a or a.startswith("-")] + [a for a in argv if "=" in a and not a.startswith("-")])
+    if args.command in ("collect", "train", "config", "bench"):
+        load_config([a for a in argv[1:] if "=" in a and not a.startswith("-")])  # raises on an unknown key
+
+
+@pytest.mark.parametrize("script", ["launch/cifar100_resnet18_k200.sh", "launch/single_node.sh", "launch/sweep.sh"])
+def test_readme_launcher_commands_dry_run(script):
+    used = [argv for argv in commands() if argv and argv[0] == script]
+    assert used, f"{script} is not in the README"
+    for argv in used:
+        args = [a for a in argv[1:] if a != "--dry-run"]
+        if script.endswith("sweep.sh"):
+            args = [a if not a.startswith("configs/") else str(REPO / a) for a in args]
+        proc = subprocess.run([str(REPO / script), "--dry-run", *args], capture_output=True, text=True, cwd=REPO,
+                              env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "NUM_GPUS": "2", "DRY_RUN": "1"}, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_first_setup_command_runs(tmp_path, run_cli):
+    """collect -> train -> sample --evaluate exactly as the README chains them, on a tiny budget."""
+    setup = next(b for b in BLOCKS if "pdiff collect" in b and "pip install" in b)
+    steps = [argv for argv in commands() if argv and argv[0] == ".venv/bin/pdiff" and " ".join(argv) in setup.replace("\n", " ")]
+    assert [s[1] for s in steps] == ["collect", "train", "sample"]
+    for argv in steps:
+        cmd = argv[1:]
+        if cmd[0] in ("collect", "train"):
+            cmd += TINY + ["cpu=true"]
+        else:
+            cmd += ["--steps", "4", "--device", "cpu"]
+        proc = run_cli(*cmd, cwd=tmp_path)
+        assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
+    assert (tmp_path / "outputs" / "digits" / "generator" / "model_index.json").exists()
+    assert "accuracy" in proc.stdout and (tmp_path / "outputs" / "digits" / "samples" / "pdiff_dataset.json").exists()
