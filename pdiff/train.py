@@ -307,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             last = complete_checkpoints(checkpoint_root(cfg))
             raise TrainingDivergedError(
                 f"the {'autoencoder' if in_ae_phase else 'diffusion'} loss became {mean_loss} at step {step + 1}; "
-                f"last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate or raise train.max_grad_norm clipping, "
-                "then resume with train.resume_from_checkpoint=latest"
+                f"last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate (train.ae_lr / train.diffusion_lr) "
+                "or clip harder (a smaller train.max_grad_norm), then resume with train.resume_from_checkpoint=latest"
             )
         if not in_ae_phase and ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
