@@ -317,35 +317,42 @@ def _stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _check_weights(folder: Path) -> None:
-    """Every component's safetensors must hold exactly the tensors its config.json builds, in the same shapes.
+    """Every component's safetensors must hold exactly the tensors its config.json builds (see `check_component_weights`)."""
+    classes = {"autoencoder": ParameterAutoencoder, "unet": UNet1DModel, "target": TargetNetwork}
+    for name in WEIGHT_COMPONENTS:
+        check_component_weights(folder / name, classes[name])
 
-    Checked before loading, on a weightless (meta) instance of each component: diffusers only warns about
-    missing tensors and initialises them randomly, which would silently generate garbage networks, and
-    reports a wrong shape without saying which file holds it.
+
+def check_component_weights(component_dir: Path, cls) -> None:
+    """A saved model's safetensors must hold exactly the tensors its config.json builds, in the same shapes.
+
+    Checked before loading, on a weightless (meta) instance: diffusers only warns about missing tensors
+    and initialises them randomly, which would silently generate garbage networks, and reports a wrong
+    shape without saying which file holds it.
     """
     from accelerate import init_empty_weights
 
-    classes = {"autoencoder": ParameterAutoencoder, "unet": UNet1DModel, "target": TargetNetwork}
-    for name in WEIGHT_COMPONENTS:
-        files = sorted((folder / name).glob("*.safetensors"))
-        try:
-            with init_empty_weights():
-                model = classes[name].from_config(classes[name].load_config(folder / name))
-        except LayoutMismatchError as err:
-            raise LayoutMismatchError(f"{folder / name / 'config.json'}: {err}") from err
-        except Exception as err:  # a config that does not build its class
-            raise InvalidGeneratorError(f"{folder / name / 'config.json'} does not describe a valid {classes[name].__name__}: {err}") from err
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        stored = {k: v for f in files for k, v in _stored_shapes(f).items()}
-        missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
-        wrong = [f"{k}: {stored[k]} in the file, {expected[k]} in the config" for k in sorted(expected.keys() & stored.keys()) if stored[k] != expected[k]]
-        if missing or unexpected or wrong:
-            raise InvalidGeneratorError(
-                f"{', '.join(str(f) for f in files)}: the weights do not match {name}/config.json"
-                + (f"; missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "")
-                + (f"; unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
-                + (f"; wrong shapes: {wrong[:4]}{' ...' if len(wrong) > 4 else ''}" if wrong else "")
-            )
+    component_dir = Path(component_dir)
+    name = component_dir.name
+    files = sorted(component_dir.glob("*.safetensors"))
+    try:
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(component_dir))
+    except LayoutMismatchError as err:
+        raise LayoutMismatchError(f"{component_dir / 'config.json'}: {err}") from err
+    except Exception as err:  # a config that does not build its class
+        raise InvalidGeneratorError(f"{component_dir / 'config.json'} does not describe a valid {cls.__name__}: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: v for f in files for k, v in _stored_shapes(f).items()}
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    wrong = [f"{k}: {stored[k]} in the file, {expected[k]} in the config" for k in sorted(expected.keys() & stored.keys()) if stored[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise InvalidGeneratorError(
+            f"{', '.join(str(f) for f in files) or component_dir}: the weights do not match {name}/config.json"
+            + (f"; missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "")
+            + (f"; unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
+            + (f"; wrong shapes: {wrong[:4]}{' ...' if len(wrong) > 4 else ''}" if wrong else "")
+        )
 
 
 def _check_components(autoencoder: ParameterAutoencoder, unet: UNet1DModel, target: TargetNetwork) -> None:

@@ -40,7 +40,7 @@ from pdiff.batched import evaluate_vectors
 from pdiff.config import ConfigError, flatten, load_config, to_dict
 from pdiff.dataset import ParameterDataset, atomic_directory
 from pdiff.models import ParameterAutoencoder, TargetNetwork, build_unet
-from pdiff.pipeline import PDiffPipeline
+from pdiff.pipeline import PDiffPipeline, check_component_weights
 from pdiff.tasks import Task
 
 logger = get_logger(__name__)
@@ -92,6 +92,7 @@ def load_parameter_dataset(cfg: DictConfig) -> tuple[ParameterDataset, Task]:
 
 def build_autoencoder(cfg: DictConfig, dataset: ParameterDataset) -> ParameterAutoencoder:
     if cfg.train.phase == "diffusion":
+        check_component_weights(Path(cfg.train.autoencoder_path), ParameterAutoencoder)  # no silently random tensors
         ae = ParameterAutoencoder.from_pretrained(cfg.train.autoencoder_path, use_safetensors=True)
         if ae.config.param_dim != dataset.dim:
             raise ConfigError(f"the autoencoder at {cfg.train.autoencoder_path} is for D={ae.config.param_dim}, the dataset has D={dataset.dim}")
@@ -333,9 +334,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             save_checkpoint(accelerator, cfg, step)
         if not in_ae_phase and t.eval_every and step % int(t.eval_every) == 0 and step < total_steps:
             evaluate_during_training(cfg, accelerator, ae, unet, ema, noise_scheduler, target, task, step, best)
-        if in_ae_phase and step == ae_steps and main_process:
-            save_autoencoder(accelerator, ae, cfg)
         if in_ae_phase and step == ae_steps:
+            # Fix the latent scale before saving, so a diffusion-only run from this autoencoder sees the same latents.
+            latents = prepare_latents(accelerator, ae, vectors, task, target, dataset, step, train_ae, cfg)
+            if main_process:
+                save_autoencoder(accelerator, ae, cfg)
             accelerator.wait_for_everyone()
 
     progress.close()

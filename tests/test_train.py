@@ -195,3 +195,15 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     assert gen["test"]["median"] >= orig["test"]["min"] - one_example
     assert gen["val"]["best"] >= orig["val"]["median"]
     assert report["selected"]["selected_on"] == "validation" and report["generated"]["nonfinite_indices"] == []
+
+
+def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
+    run_train(tmp_path / "ae", digits_params, "train.phase=autoencoder")
+    saved = tmp_path / "ae" / "autoencoder"
+    assert (saved / "config.json").exists() and not (tmp_path / "ae" / "generator").exists()
+    assert json.loads((saved / "config.json").read_text())["scaling_factor"] != 1.0  # the latent scale travels with it
+    report = run_train(tmp_path / "diffusion", digits_params, "train.phase=diffusion", f"train.autoencoder_path={saved}")
+    assert (tmp_path / "diffusion" / "generator" / "model_index.json").exists() and report["generated"]["count"] == 6
+    assert sorted(losses(tmp_path / "diffusion")) == list(range(1, 7))  # diffusion steps only
+    with pytest.raises(ConfigError, match="autoencoder_path"):
+        run_train(tmp_path / "nothing", digits_params, "train.phase=diffusion")
