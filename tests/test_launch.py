@@ -8,7 +8,6 @@ the c10d rendezvous on 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
