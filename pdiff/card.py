@@ -56,7 +56,8 @@ def generator_model_card(pipe, report: dict[str, Any] | None, plots: list[str]) 
     task = dict(target.config.task or {})
     layout = target.layout
     n_gen = sum(p.numel() for p in pipe.unet.parameters()) + sum(p.numel() for p in pipe.autoencoder.parameters())
-    data = ModelCardData(library_name="diffusers", tags=["pdiff", "parameter-generation", "neural-network-diffusion"], pipeline_tag="unconditional-generation")
+    # library_name pdiff: the Hub would otherwise offer a diffusers snippet that cannot load a Hub id without remote code.
+    data = ModelCardData(library_name="pdiff", tags=["pdiff", "diffusers", "parameter-generation", "neural-network-diffusion"], pipeline_tag="unconditional-generation")
     table = evaluation_table(report)
     verdict = ((report or {}).get("verdict") or {}).get("text", "")
     selected = (report or {}).get("selected")

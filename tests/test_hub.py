@@ -83,7 +83,7 @@ def test_push_uploads_only_shareable_files_and_the_model_card(hub, monkeypatch, 
 
     card = files["README.md"].decode()
     meta = ModelCard(card).data
-    assert "pdiff" in meta.tags and meta.library_name == "diffusers"
+    assert "pdiff" in meta.tags and meta.library_name == "pdiff"
     assert "# pdiff generator: digits" in card
     assert "778 parameters" in card.replace(",", "")  # the generated parameter count
     assert f"Generator size: {sum(p.numel() for m in (pipe.unet, pipe.autoencoder) for p in m.parameters()):,} parameters" in card
