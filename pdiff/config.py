@@ -38,15 +38,36 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
             cfg = compose(config_name=config_name, overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(
-            f"{err}\nOverrides must name existing keys (see configs/ or `pdiff config`); "
-            "pick a file of a group with e.g. `task=fashion_mnist`."
-        ) from err
+        raise ConfigError(_explain(err, config_dir, config_name)) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"these config values must be set: {', '.join(missing)} (e.g. `{missing[0]}=...`)")
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _explain(err: Exception, config_dir: Path, config_name: str) -> str:
+    """Hydra's message, with the keys that do exist where an unknown one was given (and without its
+    advice to append a new key with `+`, which would only hide the typo)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    text = "\n".join(line for line in str(err).splitlines() if not line.startswith("To append to your config"))
+    match = re.search(r"Could not override '([^']+)'", text)
+    if not match:
+        return f"{text}\nPick a file of a group with e.g. `task=fashion_mnist`; `pdiff config` prints the composed config."
+    key = match.group(1)
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        node = compose(config_name=config_name)
+    parts = key.split(".")
+    depth = 0  # walk down to the first part that does not exist
+    while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), DictConfig):
+        node, depth = node[parts[depth]], depth + 1
+    parent = ".".join(parts[:depth])
+    where = f"under `{parent}`" if parent else "at the top level"
+    known = ", ".join(sorted(map(str, node.keys())))
+    return f"unknown config key `{key}`: {where} there is no `{parts[depth]}`. Known keys {where}: {known}."
 
 
 def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -89,8 +89,10 @@ def test_two_processes_under_accelerate_each_collect_a_trajectory(tmp_path):
 
 
 def test_unknown_config_key(tmp_path):
-    with pytest.raises(ConfigError, match="task.param.kk"):
+    with pytest.raises(ConfigError, match=r"unknown config key `task.param.kk`.*Known keys under `task.param`: batch_size, k, lr"):
         collect_dataset(tmp_path, "task.param.kk=3")
+    with pytest.raises(ConfigError, match=r"under `train` there is no `nonsense`"):
+        collect_dataset(tmp_path, "train.nonsense.deep=3")
     with pytest.raises(ConfigError, match="task=fashion_mnist"):
         collect_dataset(tmp_path, "task=no_such_task")
 
