@@ -54,12 +54,14 @@ class PDiffPipelineOutput(BaseOutput):
 class PDiffPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->autoencoder"
 
-    def __init__(self, autoencoder: ParameterAutoencoder, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork):
+    def __init__(self, autoencoder: ParameterAutoencoder, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork, default_num_inference_steps: int | None = None):
         super().__init__()
         _check_components(autoencoder, unet, target)
         for module in (autoencoder, unet, target):
             _own_memory(module)
         self.register_modules(autoencoder=autoencoder, unet=unet, scheduler=scheduler, target=target)
+        # The steps the generator was validated with (saved in model_index.json), used when a call names none.
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
 
     @property
     def layout(self):
@@ -104,15 +106,18 @@ class PDiffPipeline(DiffusionPipeline):
     ) -> PDiffPipelineOutput | tuple:
         """Sample `num_models` parameter vectors in one denoising chain.
 
-        `num_inference_steps` defaults to the scheduler's training steps for DDPM and to 50 for DDIM.
+        `num_inference_steps` defaults to all training steps for DDPM and, for DDIM, to the steps the generator
+        was trained with (`default_num_inference_steps`, else 50).
         The same `generator` seed gives the same networks. The denoiser runs in its own dtype (see `to`);
         the latents, the scheduler's arithmetic and the decoding stay float32, so a bf16 run starts from
         the same noise as a float32 one and only the UNet's outputs are rounded.
         """
         if num_models < 1:
             raise ValueError(f"num_models must be positive, got {num_models}")
-        if num_inference_steps is None:
-            num_inference_steps = 50 if isinstance(self.scheduler, DDIMScheduler) else self.scheduler.config.num_train_timesteps
+        if num_inference_steps is None and isinstance(self.scheduler, DDIMScheduler):
+            num_inference_steps = self.config.get("default_num_inference_steps") or 50
+        elif num_inference_steps is None:
+            num_inference_steps = self.scheduler.config.num_train_timesteps
         shape = (num_models, *self.autoencoder.latent_shape)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)

@@ -134,7 +134,8 @@ def build_pipeline(cfg, accelerator, ae, unet, ema, noise_scheduler, target) -> 
     if ema is not None:
         unet = UNet1DModel.from_config(unet.config).to(accelerator.device)
         ema.copy_to(unet.parameters())
-    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), scheduler=sampling_scheduler(cfg, noise_scheduler), target=target)
+    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), scheduler=sampling_scheduler(cfg, noise_scheduler), target=target,
+                         default_num_inference_steps=int(cfg.generator.num_inference_steps))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

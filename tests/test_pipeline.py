@@ -119,6 +119,19 @@ def test_default_steps_and_argument_errors(dataset, pipe):
     assert torch.equal(pipe(num_models=2, num_inference_steps=3, latents=latents).params, pipe(num_models=2, num_inference_steps=3, latents=latents.clone()).params)
 
 
+def test_ddim_defaults_to_the_steps_saved_with_the_generator(dataset, tmp_path):
+    gen = tiny_generator(dataset)
+    gen.register_to_config(default_num_inference_steps=6)
+    gen.save_pretrained(tmp_path / "gen")
+    loaded = PDiffPipeline.from_pretrained(tmp_path / "gen")
+    assert loaded.config.default_num_inference_steps == 6
+    calls: list[int] = []
+    handle = loaded.unet.register_forward_hook(lambda *a: calls.append(1))
+    loaded(num_models=2, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert len(calls) == 6
+
+
 def test_bf16_sampling_returns_float32_networks(pipe, saved):
     reference = sample(pipe, 0)
     for loaded in (PDiffPipeline.from_pretrained(saved).to(torch.bfloat16), PDiffPipeline.from_pretrained(saved, torch_dtype=torch.bfloat16)):
