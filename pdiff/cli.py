@@ -60,8 +60,6 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import main
 
-    if args.overrides:
-        raise ValueError(f"pdiff evaluate takes options, not overrides: {args.overrides}")
     main(args)
 
 
@@ -84,8 +82,6 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from .sample import main
 
-    if args.overrides:
-        raise ValueError(f"pdiff sample takes options, not overrides: {args.overrides}")
     main(args)
 
 
@@ -95,7 +91,7 @@ def _sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-models", type=int, default=100, help="networks to generate (one batched chain)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("safetensors", "dataset"), default="safetensors", help="one safetensors state dict per network, or a parameter dataset like `pdiff collect` writes")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 for DDIM, all for DDPM)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the generator's saved DDIM steps, else 50; all for DDPM)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
@@ -133,6 +129,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 }
 # Commands with options of their own, added before the positional overrides.
 OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"sweep": _sweep_options, "evaluate": _evaluate_options, "sample": _sample_options, "bench": _bench_options}
+# Commands that compose the Hydra config and so take `key=value` overrides; the others take options only.
+TAKES_OVERRIDES = {"collect", "train", "config", "sweep", "bench"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in OPTIONS:
             OPTIONS[name](p)
-        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=digits task.param.k=200")
+        if name in TAKES_OVERRIDES:
+            p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=digits task.param.k=200")
         p.set_defaults(fn=fn)
     return parser
 
@@ -155,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in extra if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides += extra
+    if extra and args.command not in TAKES_OVERRIDES:
+        parser.error(f"pdiff {args.command} takes options, not overrides: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         args.fn(args)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
