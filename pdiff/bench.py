@@ -68,12 +68,6 @@ def _fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
     """Run all four stages on `task` in `workdir`; return the per-phase figures and the outcome."""
     from .collect import collect
@@ -108,6 +102,7 @@ def bench_generator(model: str | Path, dataset_path: str | Path | None, device: 
     """Sampling and evaluation of `num_models` networks from a saved generator."""
     from .dataset import ParameterDataset
     from .evaluate import benchmark_evaluation, evaluate_generated
+    from .pipeline import sampler_scheduler
     from .sample import load_generator, task_of
 
     phases: dict[str, Any] = {}
@@ -115,9 +110,7 @@ def bench_generator(model: str | Path, dataset_path: str | Path | None, device: 
         pipe = load_generator(str(model), device=str(device))
     for sampler, n_steps in (("ddim", steps or 50), ("ddpm", None)):
         with phase(phases, f"sampling_{sampler}", device) as entry:
-            from diffusers import DDIMScheduler, DDPMScheduler
-
-            pipe.scheduler = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(pipe.scheduler.config)
+            pipe.scheduler = sampler_scheduler(sampler, pipe.scheduler.config)
             started = time.perf_counter()
             params = pipe(num_models=num_models, num_inference_steps=n_steps, generator=torch.Generator().manual_seed(0)).params
             seconds = time.perf_counter() - started
@@ -149,6 +142,8 @@ def outcome(report: dict[str, Any]) -> dict[str, Any]:
 
 def main(args) -> dict[str, Any]:
     """`pdiff bench` (options in `pdiff.cli`)."""
+    from .evaluate import resolve_device
+
     device = resolve_device(args.device)
     result: dict[str, Any] = {
         "pdiff_version": __version__,

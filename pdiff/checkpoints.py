@@ -65,7 +65,8 @@ def save_checkpoint(accelerator: Accelerator, cfg: DictConfig, step: int) -> Non
     root = checkpoint_root(cfg)
     if accelerator.is_main_process and cfg.train.checkpoints_total_limit:
         # Make room first, like diffusers' examples, so at most `limit` checkpoints exist after saving.
-        for old in complete_checkpoints(root)[: max(0, len(complete_checkpoints(root)) - int(cfg.train.checkpoints_total_limit) + 1)]:
+        existing = complete_checkpoints(root)
+        for old in existing[: max(0, len(existing) - int(cfg.train.checkpoints_total_limit) + 1)]:
             shutil.rmtree(old, ignore_errors=True)
     path = root / f"checkpoint-{step}"
     accelerator.save_state(str(path))

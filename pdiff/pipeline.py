@@ -40,6 +40,16 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]
 REPORT_FILE = "report.json"
 
 
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def sampler_scheduler(name: str, config) -> DDPMScheduler | DDIMScheduler:
+    """The scheduler that samples with `name` (ddim or ddpm), built from a (training) scheduler's config."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: use one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name].from_config(config)
+
+
 class InvalidGeneratorError(ValueError):
     """A generator folder or repository whose files are damaged or do not fit together."""
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from safetensors.torch import save_file
 
 from .batched import evaluate_vectors
 from .dataset import ParameterDataset, atomic_directory
-from .pipeline import PDiffPipeline
+from .evaluate import resolve_device
+from .pipeline import PDiffPipeline, sampler_scheduler
 from .tasks import Task
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -29,10 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sampler: str | None = None, revision: str | None = None) -> PDiffPipeline:
     pipe = PDiffPipeline.from_pretrained(model, revision=revision)
     if sampler:
-        cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[sampler]
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    pipe.to(device)
+        pipe.scheduler = sampler_scheduler(sampler, pipe.scheduler.config)
+    pipe.to(resolve_device(device))
     if dtype != "fp32":  # the denoiser runs in bf16; the autoencoder, the target network and the output stay float32
         pipe.to(DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMScheduler, DDPMScheduler, UNet1DModel
+from diffusers import DDPMScheduler, UNet1DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
@@ -49,7 +49,7 @@ from pdiff.checkpoints import (
 from pdiff.config import ConfigError, flatten, load_config, to_dict
 from pdiff.dataset import ParameterDataset, atomic_directory
 from pdiff.models import ParameterAutoencoder, TargetNetwork, build_unet
-from pdiff.pipeline import PDiffPipeline, check_component_weights
+from pdiff.pipeline import SAMPLERS, PDiffPipeline, check_component_weights, sampler_scheduler
 from pdiff.tasks import Task
 
 logger = get_logger(__name__)
@@ -75,7 +75,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("train.phase=diffusion needs train.autoencoder_path=<folder of a saved autoencoder>")
     if t.report_to not in ("none", "wandb"):
         raise ConfigError(f"train.report_to={t.report_to!r}: use none or wandb")
-    if cfg.generator.sampler not in ("ddpm", "ddim"):
+    if cfg.generator.sampler not in SAMPLERS:
         raise ConfigError(f"generator.sampler={cfg.generator.sampler!r}: use ddpm or ddim")
     for key in ("ae_steps", "diffusion_steps", "batch_size", "gradient_accumulation_steps"):
         if int(t[key]) < (1 if key in ("batch_size", "gradient_accumulation_steps") else 0):
@@ -109,11 +109,6 @@ def noise_scheduler_from(cfg: DictConfig) -> DDPMScheduler:
     return DDPMScheduler(**to_dict(cfg.generator.scheduler), clip_sample=False)
 
 
-def sampling_scheduler(cfg: DictConfig, noise_scheduler: DDPMScheduler):
-    cls = DDIMScheduler if cfg.generator.sampler == "ddim" else DDPMScheduler
-    return cls.from_config(noise_scheduler.config)
-
-
 def step_generator(seed: int, rank: int, step: int, micro: int, device) -> torch.Generator:
     """The random source of one micro-batch: a pure function of (seed, rank, step, micro-batch).
 
@@ -134,7 +129,7 @@ def build_pipeline(cfg, accelerator, ae, unet, ema, noise_scheduler, target) -> 
     if ema is not None:
         unet = UNet1DModel.from_config(unet.config).to(accelerator.device)
         ema.copy_to(unet.parameters())
-    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), scheduler=sampling_scheduler(cfg, noise_scheduler), target=target,
+    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), scheduler=sampler_scheduler(cfg.generator.sampler, noise_scheduler.config), target=target,
                          default_num_inference_steps=int(cfg.generator.num_inference_steps))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -201,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if ema is not None:
         ema.to(device)
     register_ema_hooks(accelerator, ema)
+    normalized = accelerator.unwrap_model(ae).normalize(vectors)  # what the autoencoder reconstructs; fixed once fitted
 
     step = 0
     if resume_path is not None:
@@ -232,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             with accelerator.accumulate(model):
                 g = step_generator(int(cfg.seed), accelerator.process_index, step, micro, device)
                 idx = torch.randint(len(dataset), (int(t.batch_size),), generator=g, device=device)
-                loss = autoencoder_loss(ae, vectors[idx], g) if in_ae_phase else diffusion_loss(unet, noise_scheduler, latents[idx], g)
+                loss = autoencoder_loss(ae, normalized[idx], g) if in_ae_phase else diffusion_loss(unet, noise_scheduler, latents[idx], g)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), float(t.max_grad_norm)) if accelerator.sync_gradients else None
                 opt.step()
@@ -337,9 +333,8 @@ def check_replicas_in_sync(accelerator: Accelerator, cfg: DictConfig, ae, unet) 
             logger.warning("the ranks ended with different weights; the saved generator is rank 0's", main_process_only=True)
 
 
-def autoencoder_loss(ae, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def autoencoder_loss(ae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Reconstruction error of noise-augmented normalised parameters (p-diff's autoencoder objective)."""
-    x = accelerator_unwrapped(ae).normalize(batch)
     return F.mse_loss(ae(x, generator=generator).reconstruction.float(), x)
 
 
@@ -351,10 +346,6 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0: torch.Tensor, gener
     return F.mse_loss(unet(noisy, timesteps).sample.float(), noise)
 
 
-def accelerator_unwrapped(model):
-    return model.module if hasattr(model, "module") else model
-
-
 @torch.no_grad()
 def prepare_latents(accelerator, ae, vectors, task, target, dataset, step, trained_here: bool, cfg) -> torch.Tensor:
     """Encode the dataset once (eval mode, no noise); fix the latent scale; log reconstruction quality."""
@@ -363,7 +354,9 @@ def prepare_latents(accelerator, ae, vectors, task, target, dataset, step, train
         # Scale latents to unit variance for the denoiser; the factor is part of the autoencoder's config.
         raw = ae_model.encode(ae_model.normalize(vectors), add_noise=False)
         ae_model.register_to_config(scaling_factor=float(1.0 / raw.float().std().clamp_min(1e-8)))
-    latents = ae_model.params_to_latents(vectors).float()
+        latents = (raw * ae_model.config.scaling_factor).float()  # = params_to_latents(vectors), without encoding twice
+    else:
+        latents = ae_model.params_to_latents(vectors).float()
     if accelerator.is_main_process:
         recon = ae_model.latents_to_params(latents)
         acc = score_on_validation(task, target, recon, accelerator.device)
