@@ -1,21 +1,48 @@
-"""pdiff: generate neural-network weights with latent diffusion (p-diff, arXiv 2402.13144)."""
+"""pdiff: generate neural-network weights with latent diffusion (p-diff, arXiv 2402.13144).
+
+The public API, imported on first use: `import pdiff` alone loads neither torch nor diffusers, so the
+`pdiff` command line starts in a fraction of a second. Touching `pdiff.PDiffPipeline` (or any name
+below) imports its module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-import diffusers as _diffusers
+# public name -> the module that defines it
+_EXPORTS = {
+    "PDiffPipeline": "pdiff.pipelines",
+    "PDiffPipelineOutput": "pdiff.pipelines",
+    "register_with_diffusers": "pdiff.pipelines",
+    "ParameterAutoencoder": "pdiff.models",
+    "TargetNetwork": "pdiff.models",
+    "build_unet": "pdiff.models",
+    "ParameterDataset": "pdiff.data",
+    "ParameterLayout": "pdiff.params",
+    "select_parameters": "pdiff.params",
+    "Task": "pdiff.tasks",
+}
 
-from .dataset import ParameterDataset
-from .models import ParameterAutoencoder, TargetNetwork, build_unet
-from .params import ParameterLayout, select_parameters
-from .pipeline import PDiffPipeline, PDiffPipelineOutput
-from .tasks import Task, load_task
+__all__ = [*_EXPORTS, "__version__"]
 
-# `DiffusionPipeline.from_pretrained` looks the class named in model_index.json up in the diffusers
-# namespace; registering ours there lets the base class load pdiff generators once pdiff is imported,
-# without `custom_pipeline` / `trust_remote_code` (which would run code from the repository).
-setattr(_diffusers, "PDiffPipeline", PDiffPipeline)
+if TYPE_CHECKING:
+    from .data import ParameterDataset
+    from .models import ParameterAutoencoder, TargetNetwork, build_unet
+    from .params import ParameterLayout, select_parameters
+    from .pipelines import PDiffPipeline, PDiffPipelineOutput, register_with_diffusers
+    from .tasks import Task
 
-__all__ = [
-    "PDiffPipeline", "PDiffPipelineOutput", "ParameterAutoencoder", "ParameterDataset", "ParameterLayout",
-    "TargetNetwork", "Task", "build_unet", "load_task", "select_parameters", "__version__",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,5 +1,7 @@
 """Stage 1: train a network, then fine-tune only the chosen parameters and save K checkpoints.
 
+usage: pdiff collect [key=value ...]      (or: accelerate launch -m pdiff.collect [key=value ...])
+
     pdiff collect task=digits task.param.k=200
     accelerate launch -m pdiff.collect task=fashion_mnist     # every rank collects its own trajectory
 
@@ -11,14 +13,18 @@ frozen base weights plus one parameter vector rebuild exactly the network that w
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # `accelerate launch pdiff/collect.py` puts pdiff/ itself on sys.path; use the repository root instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # before importing torch: help is instant
+        print(__doc__)
+        sys.exit(0)
+    if __package__ in (None, ""):  # `accelerate launch pdiff/collect.py` puts pdiff/ itself on sys.path
+        sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +35,10 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from pdiff.batched import evaluate_vectors
-from pdiff.config import load_config, to_dict
-from pdiff.dataset import ParameterDataset, check_output_dir
+from pdiff.config import ConfigError, load_config, to_dict
+from pdiff.data import ParameterDataset
+from pdiff.evaluation.scoring import evaluate_vectors
+from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
 from pdiff.tasks import Task
 from pdiff.tasks.data import Split
@@ -123,61 +130,73 @@ def _share(total: int, rank: int, world: int) -> int:
 def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> ParameterDataset | None:
     """Run stage 1 for a composed config; returns the saved dataset on the main process, None elsewhere."""
     accelerator = accelerator or Accelerator(cpu=bool(cfg.cpu))
-    task = Task(cfg.task)
-    k = int(cfg.task.param.k)
-    if k <= 0:
-        raise ValueError(f"task.param.k={k}: the number of checkpoints to collect must be positive")
-    if k < accelerator.num_processes:  # checked on every rank alike, so none is left waiting for the others
-        raise ValueError(f"task.param.k={k} is smaller than the number of processes ({accelerator.num_processes})")
-    if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
-        raise ValueError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
-    check_output_dir(cfg.dataset_dir, bool(cfg.overwrite))
-    started = time.perf_counter()
-    device, main = accelerator.device, accelerator.is_main_process
+    check_request(cfg, accelerator)
+    lock = output_lock(Path(cfg.dataset_dir).parent, "collect") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        started = time.perf_counter()
+        task = Task(cfg.task)
+        net, layout, base_state = base_network(cfg, task, accelerator)
+        base_seconds = time.perf_counter() - started
+        seed = int(cfg.seed) + 1 + accelerator.process_index
+        my_k = _share(int(cfg.task.param.k), accelerator.process_index, accelerator.num_processes)
+        vectors, steps = collect_trajectory(net, layout, task, my_k, seed, accelerator.device, show_progress=accelerator.is_main_process)
+        net.load_state_dict(base_state)  # evaluate on the untouched base weights
+        rows = {"params": vectors, "step": steps, "seed": [seed] * my_k, **score_columns(net, layout, vectors, task)}
+        gathered = gather_object([rows])  # one dict per rank, in rank order
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return None
+        info = {"num_processes": accelerator.num_processes, "base_seconds": round(base_seconds, 3), "collect_seconds": round(time.perf_counter() - started, 3),
+                "device": str(accelerator.device), "in_channels": task.data.image_shape[0], "num_classes": task.data.num_classes}
+        dataset = save_dataset(cfg, gathered, layout, base_state, info)
+    accelerator.wait_for_everyone()
+    return dataset
 
+
+def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
+    """Everything that can be refused before training starts."""
+    k = int(cfg.task.param.k)
+    if k < accelerator.num_processes:  # checked on every rank alike, so none is left waiting for the others
+        raise ConfigError(f"task.param.k={k} is smaller than the number of processes ({accelerator.num_processes})")
+    if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
+        raise ConfigError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
+    check_output_dir(cfg.dataset_dir, bool(cfg.overwrite), "parameter dataset")
+
+
+def base_network(cfg: DictConfig, task: Task, accelerator: Accelerator) -> tuple[nn.Module, ParameterLayout, dict[str, torch.Tensor]]:
+    """The trained base network (identical on every rank), the layout of its generated part, its weights."""
     set_seed(int(cfg.seed))
-    net = task.build_network().to(device)
+    net = task.build_network().to(accelerator.device)
     # A list or one pattern (`task.param.patterns=fc.*` arrives as a string). Fail on a bad one before training.
-    names = select_parameters(net, task.config["param"]["patterns"])
-    layout = ParameterLayout.from_module(net, names)
-    train_base_network(net, task, device, seed=int(cfg.seed), show_progress=main)
+    layout = ParameterLayout.from_module(net, select_parameters(net, task.config["param"]["patterns"]))
+    train_base_network(net, task, accelerator.device, seed=int(cfg.seed), show_progress=accelerator.is_main_process)
     # Every rank trained the same base network; broadcasting makes it bit-identical even where
     # accelerator kernels are not deterministic.
     state = broadcast({n: t.detach().clone() for n, t in net.state_dict().items()}, from_process=0)
     net.load_state_dict(state)
-    base_state = {n: t.detach().cpu().clone() for n, t in net.state_dict().items()}
-    base_seconds = time.perf_counter() - started
+    return net, layout, {n: t.detach().cpu().clone() for n, t in net.state_dict().items()}
 
-    seed = int(cfg.seed) + 1 + accelerator.process_index
-    my_k = _share(k, accelerator.process_index, accelerator.num_processes)
-    vectors, steps = collect_trajectory(net, layout, task, my_k, seed, device, show_progress=main)
-    net.load_state_dict(state)  # evaluate on the untouched base weights
 
-    batch = int(task.config.get("eval", {}).get("batch_size", 1000))
-    scores = {split: evaluate_vectors(net, layout, vectors, task.data.split(split), task.data.prepare, batch_size=batch) for split in ("val", "test")}
-    rows = {"params": vectors, "step": steps, "seed": [seed] * my_k}
-    for split, s in scores.items():
-        rows[f"{split}_accuracy"], rows[f"{split}_loss"] = s.accuracy.tolist(), s.loss.tolist()
-    gathered = gather_object([rows])  # one dict per rank, in rank order
-    if not main:
-        accelerator.wait_for_everyone()
-        return None
+def score_columns(net: nn.Module, layout: ParameterLayout, vectors: torch.Tensor, task: Task) -> dict[str, list[float]]:
+    columns = {}
+    for split in ("val", "test"):
+        scores = evaluate_vectors(net, layout, vectors, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size)
+        columns[f"{split}_accuracy"], columns[f"{split}_loss"] = scores.accuracy.tolist(), scores.loss.tolist()
+    return columns
 
+
+def save_dataset(cfg: DictConfig, gathered: list[dict], layout: ParameterLayout, base_state: dict, info: dict) -> ParameterDataset:
+    """Merge the ranks' rows and write the dataset; checkpoints holding NaN/Inf are refused, not saved."""
     vectors = torch.cat([r["params"] for r in gathered])
+    bad = (~torch.isfinite(vectors).all(1)).sum().item()
+    if bad:
+        raise ConfigError(f"{bad} of {len(vectors)} checkpoints hold NaN or Inf: fine-tuning diverged, so nothing was saved. "
+                          f"Lower task.param.lr (now {cfg.task.param.lr}) or task.base.lr (now {cfg.task.base.lr})")
     columns = {key: [v for r in gathered for v in r[key]] for key in gathered[0] if key != "params"}
-    info = {
-        "num_processes": accelerator.num_processes,
-        "base_seconds": round(base_seconds, 3),
-        "collect_seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-        "in_channels": task.data.image_shape[0],
-        "num_classes": task.data.num_classes,
-    }
     dataset = ParameterDataset.from_vectors(vectors, columns, layout, to_dict(cfg.task), base_state, info)
     dataset.save_to_disk(cfg.dataset_dir, overwrite=bool(cfg.overwrite))
     if cfg.hub.push_to_hub:
         dataset.push_to_hub(cfg.hub.dataset_id, private=bool(cfg.hub.private))
-    accelerator.wait_for_everyone()
     return dataset
 
 

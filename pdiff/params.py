@@ -96,6 +96,15 @@ class ParameterLayout:
         lead = vectors.shape[:-1]
         return {s.name: vectors[..., s.offset : s.end].reshape(*lead, *s.shape) for s in self.slots}
 
+    @torch.no_grad()
+    def load_into(self, module: nn.Module, vector: torch.Tensor) -> nn.Module:
+        """Copy one vector [D] into the module's layout parameters (in place); returns the module."""
+        self.check_module(module)
+        params = dict(module.named_parameters())
+        for name, value in self.unflatten(vector.detach().to(torch.float32)).items():
+            params[name].copy_(value)
+        return module
+
     def check_vectors(self, vectors: torch.Tensor) -> None:
         if vectors.ndim not in (1, 2) or vectors.shape[-1] != self.dim:
             raise LayoutMismatchError(

@@ -13,8 +13,8 @@ import torch
 
 import pdiff.tasks.data as task_data
 from pdiff import ParameterDataset
-from pdiff.batched import evaluate_network
-from pdiff.cli import main as cli_main
+from pdiff.commands import main as cli_main
+from pdiff.evaluation import evaluate_network
 from pdiff.config import ConfigError
 
 from conftest import REPO_ROOT, collect_dataset

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import pdiff.dataset as pds
+import pdiff.data.parameter_dataset as pds
 from pdiff import ParameterDataset, Task
-from pdiff.batched import evaluate_network, evaluate_vectors
+from pdiff.evaluation import evaluate_network, evaluate_vectors
 from pdiff.config import load_config, to_dict
-from pdiff.dataset import InvalidParameterDatasetError, atomic_directory, parameter_features
+from pdiff.data import InvalidParameterDatasetError, parameter_features
+from pdiff.io import atomic_directory
 
 from conftest import DIGITS_K, DIGITS_OVERRIDES
 
@@ -232,7 +233,7 @@ def test_loading_broken_folders_fails_clearly(ds, digits_params, tmp_path):
     # Offline, a Hub id that is not in the cache and a mistyped path are both "not found", said plainly.
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
         ParameterDataset.from_pretrained("nobody/no-such-params")
-    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+    with pytest.raises(FileNotFoundError, match="no parameter dataset folder at"):
         ParameterDataset.from_pretrained("outputs/digits/params")
 
 
@@ -244,6 +245,7 @@ def test_push_to_hub_uploads_the_hub_layout_in_one_commit(ds, monkeypatch):
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
         folder = Path(folder_path)

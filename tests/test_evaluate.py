@@ -1,4 +1,4 @@
-"""Evaluation: batched == one-by-one, the IoU metric, the report, its plots, the noise baseline, the CLI."""
+"""Evaluation: batched == one-by-one, the IoU metric, the report and its JSON, renderers, plots, the noise baseline, the CLI."""
 
 from __future__ import annotations
 
@@ -8,24 +8,33 @@ import math
 import pytest
 import torch
 
-from pdiff.batched import evaluate_network
-from pdiff.dataset import ParameterDataset
-from pdiff.evaluate import (
+from pdiff.data import ParameterDataset
+from pdiff.evaluation import (
     REPORT_FILE,
     NetworkEvaluator,
+    NetworkSet,
+    Novelty,
+    Report,
+    Selection,
+    Stats,
+    Summary,
     benchmark_evaluation,
     evaluate_generated,
+    evaluate_network,
     format_summary,
-    log_report_to_wandb,
+    load_generated,
+    log_to_wandb,
+    markdown_table,
+    network_table,
     noise_sigmas,
     noisy_copies,
     select_on_val,
+    summary_metrics,
     verdict,
     weight_average,
     wrong_set_iou,
-    write_report,
 )
-from pdiff.plots import PLOT_FILES
+from pdiff.evaluation.plots import PLOT_FILES, plot_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,7 +52,7 @@ def candidates(originals) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def report(originals, candidates) -> dict:
+def report(originals, candidates) -> Report:
     generated = torch.cat([candidates, originals.vectors[:2]])  # the last two are exact copies of originals 0, 1
     return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), num_noise_models=8, seed=0)
 
@@ -154,9 +163,9 @@ def test_noise_baseline_in_the_report_is_reproducible(originals, candidates, rep
     generated = torch.cat([candidates, originals.vectors[:2]])
     again = evaluate_generated(originals, generated, device="cpu", noise_scales=(16.0,), num_noise_models=8, seed=0)
     other = evaluate_generated(originals, generated, device="cpu", noise_scales=(16.0,), num_noise_models=8, seed=1)
-    first = next(e for e in report["baselines"]["noise"]["scales"] if e["scale"] == 16.0)
-    assert again["baselines"]["noise"]["scales"][0]["networks"] == first["networks"]
-    assert other["baselines"]["noise"]["scales"][0]["networks"]["nearest_original_l2"] != first["networks"]["nearest_original_l2"]
+    first = next(row for row in report.noise if row.scale == 16.0)
+    assert again.noise[0].networks == first.networks
+    assert other.noise[0].nearest("l2") != first.nearest("l2")
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -179,6 +188,8 @@ def _check_group(group: dict, count: int) -> None:
 
 
 def test_report_schema(report, originals):
+    """report.json keeps the layout of schema_version 1, key for key."""
+    report = report.to_dict()
     json.dumps(report, allow_nan=False)  # strict JSON
     assert report["schema_version"] == 1 and report["task"] == "digits" and report["dim"] == originals.dim
     assert report["splits"] == {"val": 360, "test": 360}
@@ -225,36 +236,43 @@ def test_report_schema(report, originals):
     assert v["matched_scale"] in (2.0, 16.0, 64.0)
     t = report["timing"]
     assert t["networks_evaluated"] == k + g + 1 + 3 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
-    assert "verdict:" in format_summary(report)
+    assert "verdict:" in format_summary(Report.from_dict(report))
 
 
-def _fake(gen_mean, gen_std, noise_entries, n_test=1000, count=50):
-    return {
-        "splits": {"test": n_test},
-        "generated": {"count": count, "test": {"mean": gen_mean, "std": gen_std}, "best_on_val": {"test_accuracy": gen_mean}},
-        "similarity": {"generated_original": {"iou": {"mean": 0.80}}},
-        "baselines": {"noise": {"mode": "spread", "scales": [
-            {"scale": s, "count": count, "test": {"mean": m, "std": sd}, "best_on_val": {"test_accuracy": m},
-             "similarity_to_originals": {"iou": {"mean": iou}}} for s, iou, m, sd in noise_entries
-        ]}},
-    }
+def _set(kind: str, mean: float, std: float, iou: float, scale: float | None = None, count: int = 50) -> NetworkSet:
+    """A made-up set of networks with the test accuracy and nearest-original IoU the verdict looks at."""
+    stats = Stats(best=mean, mean=mean, median=mean, min=mean, std=std)
+    novelty = Novelty(Summary(iou, iou, iou, iou), None)
+    return NetworkSet(kind, kind, count, stats, stats, Selection(0, mean, mean), novelty, {}, scale)
+
+
+def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):
+    noise = [_set("noise", m, sd, iou, scale=s) for s, iou, m, sd in noise_entries]
+    return verdict(_set("generated", gen_mean, gen_std, 0.80), noise, n_test, "spread")
 
 
 def test_verdict_compares_at_equal_novelty():
     entries = [(1.0, 0.95, 0.90, 0.0), (4.0, 0.82, 0.85, 0.0), (16.0, 0.50, 0.60, 0.0)]
-    v = verdict(_fake(0.87, 0.0, entries))
-    assert v["matched_scale"] == 4.0 and v["outcome"] == "beats" and v["equal_novelty"]  # 0.82 is closest to 0.80
-    assert verdict(_fake(0.80, 0.0, entries))["outcome"] == "loses"
-    assert verdict(_fake(0.8505, 0.0, entries))["outcome"] == "ties"  # less than one test example apart
-    assert verdict(_fake(0.87, 0.1, entries))["outcome"] == "ties"  # 2 standard errors = 0.028 > 0.02
-    far = verdict(_fake(0.87, 0.0, [(1.0, 0.99, 0.90, 0.0)]))
-    assert not far["equal_novelty"] and "add noise scales" in far["text"]
+    v = _verdict(0.87, 0.0, entries)
+    assert v.matched_scale == 4.0 and v.outcome == "beats" and v.equal_novelty  # 0.82 is closest to 0.80
+    assert _verdict(0.80, 0.0, entries).outcome == "loses"
+    assert _verdict(0.8505, 0.0, entries).outcome == "ties"  # less than one test example apart
+    assert _verdict(0.87, 0.1, entries).outcome == "ties"  # 2 standard errors = 0.028 > 0.02
+    far = _verdict(0.87, 0.0, [(1.0, 0.99, 0.90, 0.0)])
+    assert not far.equal_novelty and "add noise scales" in far.text
 
 
-def test_no_noise_baseline(originals, candidates):
-    r = evaluate_generated(originals, candidates[:3], device="cpu", noise_scales=())
-    assert r["baselines"]["noise"]["scales"] == [] and r["verdict"]["outcome"] is None
-    json.dumps(r, allow_nan=False)
+def test_no_noise_baseline_and_a_nonfinite_network(originals, candidates):
+    generated = candidates[:3].clone()
+    generated[1, 0] = math.inf  # garbage from a generator: listed and counted as all wrong, not skipped
+    r = evaluate_generated(originals, generated, device="cpu", noise_scales=())
+    assert r.noise == [] and r.verdict.outcome is None and r.nonfinite_indices == [1]
+    d = r.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["baselines"]["noise"]["scales"] == [] and set(d["verdict"]) == {"rule", "outcome", "text"}
+    assert Report.from_dict(d) == r
+    summary = format_summary(r)  # the L2 to a non-finite network is NaN (null in JSON): still renders
+    assert "WARNING: 1 generated networks hold NaN/Inf" in summary and "no verdict" in summary
 
 
 def test_rejects_vectors_of_another_layout(originals):
@@ -265,12 +283,76 @@ def test_rejects_vectors_of_another_layout(originals):
 # -- outputs -------------------------------------------------------------------------------------
 
 
+def _write(report: Report, out) -> dict:
+    return {"report": report.save(out), **plot_report(report, out)}
+
+
+def test_report_round_trips_through_json(report, tmp_path):
+    d = report.to_dict()
+    assert Report.from_dict(d) == report
+    assert Report.from_dict(json.loads(json.dumps(d))).to_dict() == d
+    report.selected, report.training = {"step": 12, "selected_on": "validation"}, {"seconds": 1.5}  # set by train.py
+    try:
+        path = report.save(tmp_path)
+        assert path.name == REPORT_FILE and not list(tmp_path.glob(".*partial"))  # atomic: no leftovers
+        loaded = Report.load(tmp_path)
+        assert loaded == report and loaded.selected["step"] == 12 and Report.load(path).training == {"seconds": 1.5}
+        assert list(json.loads(path.read_text()))[-2:] == ["selected", "training"]
+    finally:
+        report.selected = report.training = None
+    with pytest.raises(ValueError, match="schema_version"):
+        Report.from_dict({**d, "schema_version": 2})
+
+
+def test_every_renderer_works_from_a_loaded_report(report, tmp_path):
+    report.save(tmp_path)
+    loaded = Report.load(tmp_path / REPORT_FILE)
+    assert format_summary(loaded) == format_summary(report)
+    assert markdown_table(loaded) == markdown_table(report)
+    assert summary_metrics(loaded) == summary_metrics(report)
+    assert network_table(loaded) == network_table(report)
+    rows = list(loaded.rows())
+    assert [r.kind for r in rows] == ["originals", "generated", "weight_average", "noise", "noise", "noise"]
+    # The weight average is a set of one: every renderer shows it like any other row.
+    avg = loaded.weight_average
+    assert avg.count == 1 and avg.test.std == 0 and avg.test.best == avg.test.mean == avg.best_on_val.test_accuracy
+    table = markdown_table(loaded).splitlines()
+    assert len(table) == 2 + len(rows) and table[4].startswith("| weight average of the originals | 1 |")
+    columns, table_rows = network_table(loaded)
+    assert len(table_rows) == sum(r.count for r in rows) and columns[0] == "kind"
+    metrics = summary_metrics(loaded)
+    assert metrics["generated/val_median"] == loaded.generated.val.median and metrics["weight_average/test_accuracy"] == avg.test.mean
+    paths = plot_report(loaded, tmp_path / "plots")
+    assert set(paths) == set(PLOT_FILES) and all(p.read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
+
+
+def test_oom_halves_networks_per_chunk(originals, candidates, monkeypatch):
+    import pdiff.evaluation.scoring as scoring
+
+    evaluator = NetworkEvaluator(originals.task, originals.base_state, originals.layout, device="cpu", networks_per_chunk=16)
+    expected = evaluator.score(candidates, "val").accuracy
+    real, tried = scoring.evaluate_vectors, []
+
+    def small_memory(*args, networks_per_chunk, **kwargs):
+        tried.append(networks_per_chunk)
+        if networks_per_chunk > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, networks_per_chunk=networks_per_chunk, **kwargs)
+
+    monkeypatch.setattr(scoring, "evaluate_vectors", small_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert torch.equal(evaluator.score(candidates, "val").accuracy, expected)
+    assert tried == [16, 8, 4] and evaluator.networks_per_chunk == 4
+    evaluator.score(candidates, "val")
+    assert tried[-1] == 4 and len(tried) == 4  # the smaller size is kept
+
+
 def test_write_report_json_and_valid_pngs(report, tmp_path):
     from PIL import Image
     import matplotlib.image
 
-    paths = write_report(report, tmp_path / "eval")
-    assert json.loads(paths["report"].read_text()) == report
+    paths = _write(report, tmp_path / "eval")
+    assert json.loads(paths["report"].read_text()) == report.to_dict()
     assert paths["report"].name == REPORT_FILE
     for name, filename in PLOT_FILES.items():
         path = paths[name]
@@ -286,12 +368,12 @@ def test_write_report_json_and_valid_pngs(report, tmp_path):
 def test_log_report_to_wandb(report, tmp_path):
     import wandb
 
-    assert log_report_to_wandb(report) is False  # no active run: nothing to do, no error
-    paths = write_report(report, tmp_path)
+    assert log_to_wandb(report) is False  # no active run: nothing to do, no error
+    paths = _write(report, tmp_path)
     run = wandb.init(mode="offline", dir=str(tmp_path), project="pdiff-tests")
     try:
-        assert log_report_to_wandb(report, paths) is True
-        assert run.summary["eval/verdict"] == report["verdict"]["text"]
+        assert log_to_wandb(report, paths) is True
+        assert run.summary["eval/verdict"] == report.verdict.text
     finally:
         run.finish()
 
@@ -302,12 +384,12 @@ def test_log_report_through_an_accelerate_tracker(report, tmp_path):
     accelerator = Accelerator(cpu=True, log_with="wandb")
     accelerator.init_trackers("pdiff-tests", init_kwargs={"wandb": {"mode": "offline", "dir": str(tmp_path)}})
     try:
-        assert log_report_to_wandb(report, write_report(report, tmp_path), step=3, run=accelerator) is True
+        assert log_to_wandb(report, _write(report, tmp_path), step=3, run=accelerator) is True
         run = accelerator.get_tracker("wandb", unwrap=True)
-        assert run.summary["eval/verdict"] == report["verdict"]["text"]
+        assert run.summary["eval/verdict"] == report.verdict.text
     finally:
         accelerator.end_training()
-    assert log_report_to_wandb(report, run=Accelerator(cpu=True)) is False  # no wandb tracker configured
+    assert log_to_wandb(report, run=Accelerator(cpu=True)) is False  # no wandb tracker configured
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -330,7 +412,7 @@ def test_cli_end_to_end(originals, candidates, digits_params, tmp_path, run_cli)
 
 
 def test_cli_inputs_and_errors(originals, candidates, digits_params, tmp_path, capsys):
-    from pdiff.cli import main  # in-process: the console script itself is covered above
+    from pdiff.commands import main  # in-process: the console script itself is covered above
 
     out = tmp_path / "eval"
     torch.save(candidates[:4], tmp_path / "samples.pt")  # a plain [N, D] tensor works too
@@ -351,8 +433,6 @@ def test_cli_inputs_and_errors(originals, candidates, digits_params, tmp_path, c
 
 
 def test_generated_dataset_on_other_base_weights_is_refused(originals, candidates, tmp_path):
-    from pdiff.evaluate import load_generated
-
     other_base = {k: v + 1 if v.is_floating_point() else v for k, v in originals.base_state.items()}
     columns = {"step": [0] * 2, "seed": [0] * 2, **{c: [0.0] * 2 for c in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")}}
     other = ParameterDataset.from_vectors(candidates[:2], columns, originals.layout, originals.task_config, other_base)

@@ -18,7 +18,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from generator_helpers import sample, tiny_generator, write_malicious_pickle
 from hub_fake import FakeHub
 from pdiff import ParameterDataset, PDiffPipeline
-from pdiff.evaluate import evaluate_and_write
+from pdiff.evaluation import Report, evaluate_and_write
 
 GENERATOR_FILES = {
     "model_index.json", "README.md",
@@ -55,7 +55,7 @@ def pipe(dataset) -> PDiffPipeline:
 
 
 @pytest.fixture(scope="module")
-def evaluation(pipe, dataset, tmp_path_factory) -> tuple[dict, list[Path]]:
+def evaluation(pipe, dataset, tmp_path_factory) -> tuple[Report, list[Path]]:
     """A real pdiff evaluation report of 6 generated networks, and its PNG plots."""
     report, paths = evaluate_and_write(dataset, sample(pipe, 0, num_models=6), tmp_path_factory.mktemp("report"), noise_scales=[1.0], num_noise_models=6)
     return report, sorted(p for p in paths.values() if str(p).endswith(".png"))
@@ -79,7 +79,7 @@ def test_push_uploads_only_shareable_files_and_the_model_card(hub, monkeypatch, 
     assert uploaded == GENERATOR_FILES | {"report.json"} | {p.name for p in plots}
     assert set(files) == uploaded | {".gitattributes"}
     assert all(p.endswith((".json", ".safetensors", ".png", "README.md")) for p in uploaded)
-    assert json.loads(files["report.json"]) == json.loads(json.dumps(report))
+    assert json.loads(files["report.json"]) == report.to_dict()
 
     card = files["README.md"].decode()
     meta = ModelCard(card).data
@@ -87,10 +87,10 @@ def test_push_uploads_only_shareable_files_and_the_model_card(hub, monkeypatch, 
     assert "# pdiff generator: digits" in card
     assert "778 parameters" in card.replace(",", "")  # the generated parameter count
     assert f"Generator size: {sum(p.numel() for m in (pipe.unet, pipe.autoencoder) for p in m.parameters()):,} parameters" in card
-    gen = report["generated"]
-    assert f"| generated | 6 | {gen['val']['mean']:.4f} | {gen['val']['best']:.4f} | {gen['best_on_val']['test_accuracy']:.4f} | {gen['test']['mean']:.4f} |" in card
+    gen = report.generated
+    assert f"| generated | 6 | {gen.val.mean:.4f} | {gen.val.best:.4f} | {gen.best_on_val.test_accuracy:.4f} | {gen.test.mean:.4f} |" in card
     assert "| original checkpoints | 24 |" in card and "| weight average of the originals | 1 |" in card and "noise x1" in card
-    assert report["verdict"]["text"] in card
+    assert report.verdict.text in card
     assert all(f"![{p.name}]({p.name})" in card for p in plots)
 
 
@@ -164,7 +164,7 @@ def test_revisions_and_missing_repos(hub, pipe, dataset):
         PDiffPipeline.from_pretrained("user/tiny-gen", revision="0" * 40)
     with pytest.raises(FileNotFoundError, match=r"'user/nobody-made-this' \(revision main\) was not found"):
         PDiffPipeline.from_pretrained("user/nobody-made-this")
-    with pytest.raises(FileNotFoundError, match="neither a generator folder nor a valid Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="neither an existing generator folder nor a valid Hub repo id"):
         PDiffPipeline.from_pretrained("not a repo!")
 
 
@@ -180,7 +180,7 @@ def test_offline_cli_uses_the_cache(hub, pipe, tmp_path, run_cli):
 
 
 def test_offline_cli_names_a_missing_repo(hub, monkeypatch, tmp_path, capsys):
-    from pdiff.cli import main as cli
+    from pdiff.commands import main as cli
 
     go_offline(monkeypatch)
     assert cli(["sample", "--model", "user/absent", "--num-models", "2", "--out", str(tmp_path / "none")]) == 2

@@ -112,7 +112,7 @@ def test_single_node_dry_run():
 @pytest.mark.slow
 def test_single_node_runs_two_cpu_processes(tmp_path):
     """The CPU fallback starts two real ranks: each collects its own share of the checkpoints."""
-    from pdiff.dataset import ParameterDataset
+    from pdiff.data import ParameterDataset
 
     proc = launch("single_node.sh", "-m", "pdiff.collect", f"output_dir={tmp_path}", "task.param.k=6", "task.base.epochs=2",
                   NUM_GPUS="0", MAIN_PROCESS_PORT=str(free_port()), timeout=300)
@@ -197,7 +197,7 @@ def run_two_machines(tmp_path: Path, *args: str, timeout: float = 600, **extra_e
 @pytest.mark.slow
 def test_two_machines_collect_as_one_world(tmp_path):
     """Two `accelerate launch --num_machines 2` invocations form one 2-process world (gloo, c10d)."""
-    from pdiff.dataset import ParameterDataset
+    from pdiff.data import ParameterDataset
 
     out = tmp_path / "run"
     run_two_machines(tmp_path, "-m", "pdiff.collect", f"output_dir={out}", "task.param.k=6", "task.base.epochs=2")

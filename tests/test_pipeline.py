@@ -12,12 +12,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-import pdiff  # noqa: F401  (registers PDiffPipeline with diffusers)
+import pdiff.pipelines  # noqa: F401  (registers PDiffPipeline with diffusers)
 from generator_helpers import sample, tiny_generator, write_malicious_pickle
 from pdiff import ParameterDataset, PDiffPipeline, Task
-from pdiff.batched import evaluate_network, evaluate_vectors
+from pdiff.evaluation import evaluate_network, evaluate_vectors
 from pdiff.params import LayoutMismatchError
-from pdiff.pipeline import InvalidGeneratorError
+from pdiff.pipelines import InvalidGeneratorError
 from pdiff.tasks.networks import build_network
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdiff.cli import build_parser
+from pdiff.commands import build_parser
 from pdiff.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

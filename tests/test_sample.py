@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from generator_helpers import sample, tiny_generator
 from pdiff import ParameterDataset, PDiffPipeline, Task
-from pdiff.batched import evaluate_vectors
-from pdiff.cli import main as cli
+from pdiff.commands import main as cli
+from pdiff.evaluation import evaluate_vectors
 from pdiff.tasks.networks import build_network
 
 
@@ -96,8 +96,12 @@ def test_sampler_dtype_and_bad_model(generator, tmp_path, capsys):
     assert torch.isfinite(generated.vectors).all() and generated.vectors.dtype == torch.float32
     assert cli(["sample", "--model", str(tmp_path / "no-generator"), "--out", str(tmp_path / "x")]) == 2
     assert "no generator folder" in capsys.readouterr().err
-    assert cli(["sample", "--model", str(folder), "--num-models", "0", "--out", str(tmp_path / "y")]) == 2
-    assert "num_models must be positive" in capsys.readouterr().err
+    for option in ("--num-models", "--steps"):  # refused by the parser, before the generator is loaded
+        for bad in ("0", "-1"):
+            with pytest.raises(SystemExit) as exit_:
+                cli(["sample", "--model", str(folder), option, bad, "--out", str(tmp_path / "y")])
+            assert exit_.value.code == 2 and f"{option}: {bad} is not a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_evaluate_with_the_original_dataset_writes_the_full_report(generator, digits_params, tmp_path, capsys):

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO_ROOT
 
-from pdiff.sweep import SweepError, expand_command, load_sweep_config, lookup_metric, run_local, script_overrides
+from pdiff.sweeps import SweepError, expand_command, load_sweep_config, lookup_metric, run_local, script_overrides
 
 SWEEP_FILES = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
 OUTPUT_TEMPLATE = "output_dir=outputs/sweeps/${oc.env:WANDB_SWEEP_ID,local}/${oc.env:WANDB_RUN_ID,run}"
@@ -117,11 +117,11 @@ def test_every_sampled_trial_composes_a_pdiff_config(path, monkeypatch):
 
 def test_metric_name_is_what_train_logs(digits_params):
     """The sweeps' metric is in a real evaluation report, under the name pdiff/train.py logs to W&B."""
-    from pdiff.dataset import ParameterDataset
-    from pdiff.evaluate import evaluate_generated
+    from pdiff.data import ParameterDataset
+    from pdiff.evaluation import evaluate_generated
 
     originals = ParameterDataset.from_pretrained(digits_params)
-    report = evaluate_generated(originals, originals.vectors[:4], noise_scales=(1.0,))
+    report = evaluate_generated(originals, originals.vectors[:4], noise_scales=(1.0,)).to_dict()
     for path in SWEEP_FILES:
         name = load_sweep_config(path)["metric"]["name"]
         assert lookup_metric(report, name) == pytest.approx(report["generated"]["val"]["median"])
@@ -260,7 +260,7 @@ def test_local_sweep_without_the_engine_says_how_to_install_it(tmp_path, monkeyp
 
 
 def test_cli_without_local_prints_the_wandb_commands(run_cli, capsys, monkeypatch):
-    from pdiff.cli import main
+    from pdiff.commands import main
 
     proc = run_cli("sweep", "configs/sweeps/noise_grid.yaml")
     assert proc.returncode == 0, proc.stderr

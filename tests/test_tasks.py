@@ -107,8 +107,13 @@ def test_bad_data_and_network_configs_are_clear_errors():
         load_data({"source": "digits", "test_size": 360, "val_size": 5000})
     with pytest.raises(ValueError, match="unknown network 'vgg'"):
         build_network({"name": "vgg"}, in_channels=1, num_classes=10)
-    with pytest.raises(ValueError, match="missing `param`"):
+    with pytest.raises(ValueError, match="`task.data.source` is missing"):
         Task({"name": "x", "data": {}, "network": {}})
+    cfg = to_dict(load_config([]).task)
+    with pytest.raises(ValueError, match="`task.param` is missing"):
+        Task({k: v for k, v in cfg.items() if k != "param"})
+    with pytest.raises(ValueError, match=r"task.param.k=abc: expected an integer"):
+        Task({**cfg, "param": {**cfg["param"], "k": "abc"}})
 
 
 def test_resnet18_cifar_matches_torchvision_names():

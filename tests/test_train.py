@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from pdiff.config import ConfigError
-from pdiff.train import STATE_FILE, TrainingDivergedError, complete_checkpoints, main
+from pdiff.evaluation import Report
+from pdiff.train import main
+from pdiff.training.checkpoints import STATE_FILE, complete_checkpoints
+from pdiff.training.loop import TrainingDivergedError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +48,7 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def run_train(out: Path, dataset: Path, *overrides: str) -> dict | None:
+def run_train(out: Path, dataset: Path, *overrides: str) -> Report | None:
     return main([f"output_dir={out}", f"dataset_dir={dataset}", *TINY, *overrides])
 
 
@@ -60,7 +63,7 @@ def test_train_writes_a_loadable_generator_and_report(tmp_path, digits_params):
     assert (gen / "model_index.json").exists() and (gen / "report.json").exists()
     assert {p.name for p in gen.iterdir()} >= {"autoencoder", "unet", "scheduler", "target", "README.md"}
     assert not list(gen.rglob("*.bin")) and not list(gen.rglob("*.pkl"))  # safetensors and JSON only
-    assert report["generated"]["count"] == 6 and report["selected"]["selected_on"] == "validation"
+    assert report.generated.count == 6 and report.selected["selected_on"] == "validation"
     steps = losses(tmp_path)
     assert sorted(steps) == list(range(1, 13)) and all(map(torch.isfinite, torch.tensor(list(steps.values()))))
     replicas = json.loads((tmp_path / "replicas.json").read_text())
@@ -188,12 +191,12 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     """The fast digits default, on a shorter budget: generated networks land in the originals' range."""
     report = main([f"output_dir={tmp_path}", f"dataset_dir={digits_params}", "cpu=true", "train.ae_steps=300", "train.diffusion_steps=400",
                    "train.eval_every=200", "train.num_final_models=100", "generator.num_inference_steps=50", "train.checkpointing_steps=0"])
-    orig, gen = report["originals"], report["generated"]
-    one_example = 1 / report["splits"]["val"]
-    assert gen["val"]["median"] >= orig["val"]["min"] - one_example
-    assert gen["test"]["median"] >= orig["test"]["min"] - one_example
-    assert gen["val"]["best"] >= orig["val"]["median"]
-    assert report["selected"]["selected_on"] == "validation" and report["generated"]["nonfinite_indices"] == []
+    orig, gen = report.originals, report.generated
+    one_example = 1 / report.splits["val"]
+    assert gen.val.median >= orig.val.min - one_example
+    assert gen.test.median >= orig.test.min - one_example
+    assert gen.val.best >= orig.val.median
+    assert report.selected["selected_on"] == "validation" and report.nonfinite_indices == []
 
 
 def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
@@ -202,7 +205,7 @@ def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
     assert (saved / "config.json").exists() and not (tmp_path / "ae" / "generator").exists()
     assert json.loads((saved / "config.json").read_text())["scaling_factor"] != 1.0  # the latent scale travels with it
     report = run_train(tmp_path / "diffusion", digits_params, "train.phase=diffusion", f"train.autoencoder_path={saved}")
-    assert (tmp_path / "diffusion" / "generator" / "model_index.json").exists() and report["generated"]["count"] == 6
+    assert (tmp_path / "diffusion" / "generator" / "model_index.json").exists() and report.generated.count == 6
     assert sorted(losses(tmp_path / "diffusion")) == list(range(1, 7))  # diffusion steps only
     with pytest.raises(ConfigError, match="autoencoder_path"):
         run_train(tmp_path / "nothing", digits_params, "train.phase=diffusion")

@@ -50,18 +50,10 @@ class TargetNetwork(ModelMixin, ConfigMixin):
 
     def networks(self, vectors: torch.Tensor) -> list[nn.Module]:
         """Ready networks in eval mode, one per vector, on the CPU."""
-        nets = []
-        for state in self.state_dicts(vectors):
-            net = copy.deepcopy(self.net).cpu()
-            net.load_state_dict(state, strict=True)
-            nets.append(net.eval())
-        return nets
+        base = copy.deepcopy(self.net).cpu().eval()
+        return [self.layout.load_into(copy.deepcopy(base), vector) for vector in vectors.detach().float().cpu().reshape(-1, self.layout.dim)]
 
 
 def _data_spec(dataset) -> dict[str, int]:
     """Input channels and class count of the dataset's network (recorded at collection time)."""
-    try:
-        return {"in_channels": int(dataset.info["in_channels"]), "num_classes": int(dataset.info["num_classes"])}
-    except KeyError:  # an older dataset: read them off the task's data
-        data = dataset.task.data
-        return {"in_channels": data.image_shape[0], "num_classes": data.num_classes}
+    return {"in_channels": int(dataset.info["in_channels"]), "num_classes": int(dataset.info["num_classes"])}

@@ -2,10 +2,10 @@
 
 from .data import DataNotFoundError, Split, TaskData, load_data
 from .networks import NETWORKS, ResNet18CIFAR, SmallCNN, StagedNetwork, build_network
-from .task import Task, load_task
+from .task import Task
 
 __all__ = [
     "DataNotFoundError", "Split", "TaskData", "load_data",
     "NETWORKS", "ResNet18CIFAR", "SmallCNN", "StagedNetwork", "build_network",
-    "Task", "load_task",
+    "Task",
 ]

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import TaskSchema, validate
 from ..params import ParameterLayout
 from .data import TaskData, load_data
 from .networks import build_network
@@ -20,14 +21,17 @@ class Task:
     def __init__(self, config: Mapping[str, Any] | DictConfig):
         if isinstance(config, DictConfig):
             config = OmegaConf.to_container(config, resolve=True)
+        validate(config, TaskSchema, prefix="task.")
         self.config: dict = dict(config)
-        for key in ("name", "data", "network", "param"):
-            if key not in self.config:
-                raise ValueError(f"task config is missing `{key}` (have {sorted(self.config)})")
 
     @property
     def name(self) -> str:
         return self.config["name"]
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Images per batch when scoring many networks at once (`task.eval.batch_size`)."""
+        return int(self.config["eval"]["batch_size"])
 
     @cached_property
     def data(self) -> TaskData:
@@ -51,13 +55,5 @@ class Task:
         if vector is not None:
             if layout is None:
                 raise ValueError("a parameter vector needs its layout")
-            layout.check_module(net)
-            with torch.no_grad():
-                params = dict(net.named_parameters())
-                for name, value in layout.unflatten(vector.detach().to(torch.float32).cpu()).items():
-                    params[name].copy_(value)
+            layout.load_into(net, vector.cpu())
         return net.eval()
-
-
-def load_task(config: Mapping[str, Any] | DictConfig) -> Task:
-    return Task(config)

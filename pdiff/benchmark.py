@@ -1,9 +1,4 @@
-"""`pdiff bench`: time every stage of the method on one task and write the figures as JSON.
-
-    pdiff bench                                   # digits: collect -> train -> sample -> evaluate
-    pdiff bench --task fashion_mnist --out bench-fashion.json
-    pdiff bench --model outputs/digits/generator --dataset outputs/digits/params --num-models 200
-    pdiff bench train.ae_steps=50 train.diffusion_steps=50 task.param.k=20     # a tiny budget
+"""Timing every stage of the method on one task, as JSON (`pdiff bench`).
 
 Speed and memory are measured here, never asserted in tests. Peak memory is the process's resident
 set (and the CUDA allocator's peak on a GPU) at the end of each phase.
@@ -11,7 +6,6 @@ set (and the CUDA allocator's peak on a GPU) at the end of each phase.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -25,6 +19,15 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import __version__
+from .collect import collect
+from .config import load_config
+from .data import ParameterDataset
+from .evaluation import Report, evaluate_generated
+from .evaluation.scoring import benchmark_evaluation
+from .pipelines import sampler_scheduler
+from .runtime import resolve_device
+from .sampling import load_generator, task_of
+from .train import main as train_main
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -70,9 +73,6 @@ def _fresh_accelerator_state() -> None:
 
 def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
     """Run all four stages on `task` in `workdir`; return the per-phase figures and the outcome."""
-    from .collect import collect
-    from .config import load_config
-    from .train import main as train_main
 
     cpu = ["cpu=true"] if device.type == "cpu" else []
     base = [f"task={task}", f"output_dir={workdir}", "overwrite=true", *cpu, *overrides]
@@ -87,7 +87,7 @@ def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: t
     with phase(phases, "train", device) as entry:
         _fresh_accelerator_state()
         report = train_main([*base, "train.report_to=none", f"train.num_final_models={num_models}"])
-        entry.update(report.get("training", {}))
+        entry.update(report.training or {})
     training = phases.pop("train")
     phases["autoencoder"] = {**training.get("ae", {}), "peak_rss_mb": training["peak_rss_mb"]}
     phases["diffusion"] = {**training.get("diffusion", {}), "peak_rss_mb": training["peak_rss_mb"]}
@@ -100,15 +100,11 @@ def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: t
 
 def bench_generator(model: str | Path, dataset_path: str | Path | None, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
     """Sampling and evaluation of `num_models` networks from a saved generator."""
-    from .dataset import ParameterDataset
-    from .evaluate import benchmark_evaluation, evaluate_generated
-    from .pipeline import sampler_scheduler
-    from .sample import load_generator, task_of
 
     phases: dict[str, Any] = {}
     with phase(phases, "load_generator", device):
         pipe = load_generator(str(model), device=str(device))
-    for sampler, n_steps in (("ddim", steps or 50), ("ddpm", None)):
+    for sampler, n_steps in (("ddim", steps), ("ddpm", pipe.scheduler.config.num_train_timesteps)):
         with phase(phases, f"sampling_{sampler}", device) as entry:
             pipe.scheduler = sampler_scheduler(sampler, pipe.scheduler.config)
             started = time.perf_counter()
@@ -120,50 +116,37 @@ def bench_generator(model: str | Path, dataset_path: str | Path | None, device: 
     originals = ParameterDataset.from_pretrained(dataset_path)
     with phase(phases, "evaluation", device) as entry:
         report = evaluate_generated(originals, params, task=task_of(pipe), device=device)
-        entry.update(report["timing"])
+        entry.update(asdict(report.timing))
         entry["outcome"] = outcome(report)
     with phase(phases, "evaluation_batched_vs_one_by_one", device) as entry:
         entry.update(benchmark_evaluation(originals, params, "test", device=device, max_one_by_one=min(20, num_models)))
     return phases
 
 
-def outcome(report: dict[str, Any]) -> dict[str, Any]:
+def outcome(report: Report) -> dict[str, Any]:
     """Generated vs original accuracy and novelty: the numbers a reader of a benchmark wants first."""
-    keep = ("best", "mean", "median", "min")
+    def stats(group) -> dict:
+        return {split: {k: getattr(getattr(group, split), k) for k in ("best", "mean", "median", "min")} for split in ("val", "test")}
+
     return {
-        "originals": {s: {k: report["originals"][s][k] for k in keep} for s in ("val", "test")},
-        "generated": {s: {k: report["generated"][s][k] for k in keep} for s in ("val", "test")},
-        "generated_test_at_best_val": report["generated"]["best_on_val"]["test_accuracy"],
-        "nearest_original_iou_mean": report["similarity"]["generated_original"]["iou"]["mean"],
-        "original_original_iou_mean": report["similarity"]["original_original"]["iou"]["mean"],
-        "verdict": report["verdict"]["text"],
+        "originals": stats(report.originals),
+        "generated": stats(report.generated),
+        "generated_test_at_best_val": report.generated.best_on_val.test_accuracy,
+        "nearest_original_iou_mean": report.generated.novelty.iou.mean,
+        "original_original_iou_mean": report.originals.novelty.iou.mean,
+        "verdict": report.verdict.text,
     }
 
 
-def main(args) -> dict[str, Any]:
-    """`pdiff bench` (options in `pdiff.cli`)."""
-    from .evaluate import resolve_device
-
-    device = resolve_device(args.device)
-    result: dict[str, Any] = {
-        "pdiff_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_info(device),
-    }
-    if args.model:
-        result.update(mode="generator", model=str(args.model), phases=bench_generator(args.model, args.dataset, device, args.num_models, args.steps))
-    else:
-        task = args.task
-        result.update(mode="pipeline", task=task, overrides=list(args.overrides))
-        with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
-            result.update(bench_pipeline(task, args.overrides, Path(args.workdir or tmp), device, args.num_models, args.steps))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.rename(out)
-    print(text)
+def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dataset: str | None, device: str, num_models: int, steps: int | None,
+                  workdir: str | None) -> dict[str, Any]:
+    """The JSON `pdiff bench` prints: the whole pipeline on `task`, or sampling + evaluation of `model`."""
+    device = resolve_device(device)
+    result: dict[str, Any] = {"pdiff_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(device)}
+    if model:
+        result.update(mode="generator", model=str(model), phases=bench_generator(model, dataset, device, num_models, steps))
+        return result
+    result.update(mode="pipeline", task=task, overrides=list(overrides))
+    with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
+        result.update(bench_pipeline(task, overrides, Path(workdir or tmp), device, num_models, steps))
     return result
-

@@ -12,21 +12,20 @@ On the Hub the rows are Parquet under `data/`, beside the same two files and a d
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import datasets
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .params import LayoutMismatchError, ParameterLayout
-from .tasks import Task
+from .. import hub
+from ..io import atomic_directory, read_json, write_json
+from ..params import LayoutMismatchError, ParameterLayout
+from ..tasks import Task
 
 METADATA_FILE = "pdiff_dataset.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
@@ -132,7 +131,7 @@ class ParameterDataset:
         return {"format_version": FORMAT_VERSION, "layout": self.layout.to_dict(), "task": self.task_config, "info": self.info}
 
     def _write_sidecars(self, folder: Path) -> None:
-        (folder / METADATA_FILE).write_text(json.dumps(self._metadata(), indent=2))
+        write_json(folder / METADATA_FILE, self._metadata())
         save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(folder / BASE_WEIGHTS_FILE))
 
     def save_to_disk(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -152,46 +151,13 @@ class ParameterDataset:
         return folder
 
     def dataset_card(self):
-        from huggingface_hub import DatasetCard
-
-        acc = self.column("test_accuracy")
-        name = self.task_config.get("name")
-        header = {
-            "tags": ["pdiff", "parameter-generation", "neural-network-diffusion"],
-            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
-        }
-        body = f"""# pdiff parameter dataset: {name}
-
-{len(self)} checkpoints of {self.dim} parameters ({', '.join(self.layout.names)}) of a `{self.task_config['network']['name']}`
-trained on `{name}`, collected with pdiff (Neural Network Diffusion, arXiv 2402.13144).
-
-| | min | median | max |
-|---|---|---|---|
-| test accuracy | {acc.min():.4f} | {np.median(acc):.4f} | {acc.max():.4f} |
-
-Files: `data/*.parquet` (one row per checkpoint: `params`, `step`, `seed`, validation/test accuracy and loss),
-`{METADATA_FILE}` (parameter layout and the task config), `{BASE_WEIGHTS_FILE}` (the frozen rest of the network).
-
-```python
-from pdiff import ParameterDataset
-ds = ParameterDataset.from_pretrained("<this repo>")
-net = ds.build_network(0)  # a ready torch.nn.Module
-```
-"""
-        import yaml
-
-        return DatasetCard(f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n{body}")
+        return hub.dataset_card(self)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str = "Upload pdiff parameter dataset") -> str:
         """Create the dataset repo and upload rows, sidecars and card in one commit; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_for_hub(tmp)
-            info = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=tmp, commit_message=commit_message)
-        return str(info)
+            return hub.upload(tmp, repo_id, repo_type="dataset", private=private, token=token, commit_message=commit_message)
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -199,10 +165,10 @@ net = ds.build_network(0)  # a ready torch.nn.Module
         """Load from a folder written by `save_to_disk` / `save_for_hub`, or from a Hub dataset repo."""
         folder = Path(path_or_repo)
         if not folder.exists():
-            folder = Path(_download(str(path_or_repo), revision, token))
+            folder = hub.download(str(path_or_repo), repo_type="dataset", revision=revision, token=token, allow_patterns=hub.DATASET_DOWNLOAD_PATTERNS)
+        elif not folder.is_dir():
+            raise InvalidParameterDatasetError(f"{folder} is a file; a parameter dataset is a folder written by `pdiff collect`")
         return cls._load_folder(folder)
-
-    load = from_pretrained
 
     @classmethod
     def _load_folder(cls, folder: Path) -> "ParameterDataset":
@@ -211,16 +177,12 @@ net = ds.build_network(0)  # a ready torch.nn.Module
             raise InvalidParameterDatasetError(
                 f"{folder} is not a pdiff parameter dataset: {METADATA_FILE} is missing. Create one with `pdiff collect`."
             )
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise InvalidParameterDatasetError(f"{folder}: format version {meta.get('format_version')} is not {FORMAT_VERSION}; upgrade pdiff")
-        if (folder / "state.json").exists():
-            rows = datasets.load_from_disk(str(folder))
-        else:
-            files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
-            if not files:
-                raise InvalidParameterDatasetError(f"{folder} holds no rows (no state.json, no data/*.parquet)")
-            rows = datasets.Dataset.from_parquet(files)
+        rows = _load_rows(folder)
+        if rows.num_rows == 0:
+            raise InvalidParameterDatasetError(f"{folder} holds no checkpoints (0 rows); collect again with task.param.k >= 2")
         weights = folder / BASE_WEIGHTS_FILE
         if not weights.exists():
             raise InvalidParameterDatasetError(f"{folder}: {BASE_WEIGHTS_FILE} is missing, so no network can be rebuilt")
@@ -228,58 +190,23 @@ net = ds.build_network(0)  # a ready torch.nn.Module
             base_state = load_file(str(weights))
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise InvalidParameterDatasetError(f"{weights} is not a valid safetensors file ({err})") from err
-        return cls(rows, ParameterLayout.from_dict(meta["layout"]), meta["task"], base_state, meta.get("info"))
+        try:
+            layout = ParameterLayout.from_dict(meta["layout"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidParameterDatasetError(f"{meta_path}: the layout is damaged ({err}); collect again") from err
+        return cls(rows, layout, meta["task"], base_state, meta.get("info"))
 
 
-def _download(repo_id: str, revision: str | None, token: str | None) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
+def _load_rows(folder: Path) -> datasets.Dataset:
+    """The rows, from `save_to_disk` Arrow files or Hub Parquet files; a damaged file names the folder."""
     try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "*.parquet", "*.arrow", "README.md"])
-    except LocalEntryNotFoundError as err:
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a local folder nor a dataset in the Hugging Face cache, and the Hub could not be "
-            f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online, or pass a folder."
-        ) from err
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise FileNotFoundError(f"no parameter dataset {repo_id!r} (revision {revision or 'main'}) on the Hub: {err}") from err
-    except HFValidationError as err:  # e.g. a mistyped local path such as outputs/digits/params
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (<user>/<name>)") from err
-
-
-def dataset_exists(path: str | os.PathLike) -> bool:
-    return (Path(path) / METADATA_FILE).exists() or (Path(path) / "state.json").exists()
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "parameter dataset") -> None:
-    """Refuse, before any work is done, to write where something already lives unless told to overwrite."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} is a file, not a folder; choose another directory for the {what}")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already holds a {what} (or other files); pass overwrite=true to replace it, or choose another directory")
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed.
-
-    An interrupted write therefore never leaves a folder under the final name that looks complete.
-    """
-    path = Path(path)
-    check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "state.json").exists():
+            return datasets.load_from_disk(str(folder))
+        files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
+        if not files:
+            raise InvalidParameterDatasetError(f"{folder} holds no rows (no state.json, no data/*.parquet)")
+        return datasets.Dataset.from_parquet(files)
+    except InvalidParameterDatasetError:
         raise
+    except Exception as err:  # pyarrow / datasets raise many types for truncated or foreign files
+        raise InvalidParameterDatasetError(f"the rows in {folder} cannot be read ({type(err).__name__}: {err}); the files are damaged, collect again") from err

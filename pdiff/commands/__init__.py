@@ -1,0 +1,83 @@
+"""`pdiff <command>`: one module per command, each owning its arguments and a `run(args)`.
+
+    pdiff collect task=digits task.param.k=200      # stage 1 (Hydra overrides)
+    pdiff train task=digits                         # stage 2 in this process (`accelerate launch pdiff/train.py` for many)
+    pdiff config task=fashion_mnist                 # print the composed config
+    pdiff sample --model outputs/digits/generator --num-models 100 --out samples/
+    pdiff evaluate --dataset outputs/digits/params --generated samples/ --out outputs/digits/eval
+    pdiff bench --task digits --out bench.json      # speed, memory, accuracy and novelty of every stage
+    pdiff sweep configs/sweeps/noise_grid.yaml --local   # a W&B sweep, trials run here (no server)
+
+Only the chosen command's module is imported, and command modules import torch inside `run`, so
+`pdiff --help` and `pdiff <command> --help` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS = {
+    "collect": "train a network and collect K checkpoints of its chosen parameters",
+    "train": "train the generator (autoencoder + latent diffusion) in this process",
+    "config": "print the composed config for the given overrides",
+    "sample": "generate networks with a trained generator (folder or Hub) and write them out",
+    "evaluate": "evaluate generated networks against the originals, baselines and novelty; write report.json + plots",
+    "bench": "time collect/train/sample/evaluate (or a saved generator) and print JSON",
+    "sweep": "run a W&B sweep file: print the W&B commands, or run trials here with --local",
+}
+
+# What a command may raise for bad input: reported as one line, exit status 2, no traceback.
+BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `only`, of that command alone (the others are listed, unimported)."""
+    parser = argparse.ArgumentParser(prog="pdiff", description="Generate neural-network weights with latent diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, help_text in COMMANDS.items():
+        if only is None or name == only:
+            module = importlib.import_module(f"pdiff.commands.{name}")
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
+        else:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=chosen if chosen in COMMANDS else "").parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print(f"pdiff {args.command}: interrupted" + _resume_hint(args), file=sys.stderr)
+        return 130
+    except BAD_INPUT as err:
+        # Bad input: say what is wrong and how to fix it, without a traceback to dig through.
+        print(f"pdiff {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder: the path and the reason, not a traceback
+        print(f"pdiff {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _resume_hint(args) -> str:
+    if args.command == "train":
+        return "; continue with the same command plus train.resume_from_checkpoint=latest"
+    if args.command in ("collect", "sample", "evaluate"):
+        return "; nothing was written under the output name, run the command again"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

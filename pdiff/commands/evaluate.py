@@ -1,0 +1,55 @@
+"""`pdiff evaluate`: generated networks against the originals, the baselines and novelty; report.json + plots.
+
+    pdiff evaluate --dataset outputs/digits/params --generated outputs/digits/samples --out outputs/digits/eval
+
+`--generated` takes a parameter dataset (`pdiff sample --format dataset`), a folder of networks
+(`pdiff sample`'s default output), or one [N, D] tensor in a .pt, .safetensors or .npy file.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .sample import positive_int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="the original parameter dataset: folder or Hub dataset id")
+    p.add_argument("--generated", required=True, help="generated parameters: a parameter dataset, a `pdiff sample` folder, or a .pt/.safetensors/.npy [N, D] tensor")
+    p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default 1 2 4 8 16 32; none given: no noise baseline)")
+    p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
+    p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: as many as generated)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
+    p.add_argument("--networks-per-chunk", type=positive_int, default=100, help="networks run together through vmap")
+    p.add_argument("--no-plots", action="store_true", help="write only report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+
+
+def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..data import ParameterDataset
+    from ..evaluation import DEFAULT_NOISE_SCALES, evaluate_and_write, load_generated
+    from ..evaluation.render import format_summary
+    from ..io import check_writable
+    from ..runtime import resolve_device
+
+    out = Path(args.out)
+    if (out / "report.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'report.json'} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
+    check_writable(out)
+    device = resolve_device(args.device)
+    originals = ParameterDataset.from_pretrained(args.dataset)
+    generated = load_generated(args.generated, originals)
+    report, paths = evaluate_and_write(
+        originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
+        noise_scales=DEFAULT_NOISE_SCALES if args.noise_scales is None else args.noise_scales, noise_mode=args.noise_mode,
+        num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk,
+    )
+    print(format_summary(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,117 @@
+"""PNG plots of an evaluation report, drawn from the `Report` alone (so `report.json` can be re-plotted).
+
+* `accuracy_distributions.png`: validation and test accuracy of every network, per set (originals,
+  generated, each noise scale) as a box plot with the individual networks on top; the weight average
+  is a dashed line, the network selected on validation a star.
+* `accuracy_vs_novelty.png`: test accuracy against similarity to the nearest original, by IoU of the
+  test-error sets (right is closer to a copy) and by parameter L2 distance (left is closer).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, safe in worker processes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .report import NetworkSet, Report  # noqa: E402
+
+PLOT_FILES = {"accuracy_distributions": "accuracy_distributions.png", "accuracy_vs_novelty": "accuracy_vs_novelty.png"}
+COLORS = {"originals": "tab:blue", "generated": "tab:red", "weight_average": "black"}
+MARKERS = {"originals": dict(marker="s", zorder=4, edgecolor="black", linewidth=0.5), "generated": dict(marker="D", zorder=3)}
+NOVELTY_AXES = {"iou": "IoU of test errors with the nearest original (1 = same mistakes)", "l2": "L2 distance to the nearest original"}
+
+
+def _boxed_sets(report: Report) -> list[NetworkSet]:
+    """The sets drawn as distributions; the weight average, one network, is drawn as a line or a marker."""
+    return [row for row in report.rows() if row.kind != "weight_average"]
+
+
+def _colors(rows: list[NetworkSet]) -> list[Any]:
+    noise = [row for row in rows if row.kind == "noise"]
+    shades = iter(plt.get_cmap("viridis")(x) for x in np.linspace(0.15, 0.85, max(len(noise), 1)))
+    return [COLORS.get(row.kind) or next(shades) for row in rows]
+
+
+def plot_accuracy_distributions(report: Report, path: str | os.PathLike) -> Path:
+    rows = _boxed_sets(report)
+    colors = _colors(rows)
+    rng = np.random.default_rng(0)  # jitter only; fixed so the same report gives the same picture
+    # Top row: every set on its full range. Bottom row: zoomed on the originals, the generated networks and
+    # the weight average, whose differences strong noise would otherwise squash into one line.
+    fig, axes = plt.subplots(2, 2, figsize=(max(9, 1.5 * len(rows) + 4), 8.5))
+    for col, split in enumerate(("val", "test")):
+        data = [np.asarray(row.networks[f"{split}_accuracy"], dtype=float) for row in rows]
+        avg = getattr(report.weight_average, split).mean
+        for ax_row, ax in enumerate(axes[:, col]):
+            ax.boxplot(data, showfliers=False, widths=0.5)
+            for i, (row, values, color) in enumerate(zip(rows, data, colors), start=1):
+                ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=10, alpha=0.6, color=color, zorder=3)
+                ax.scatter([i], [getattr(row.best_on_val, f"{split}_accuracy")], marker="*", s=140, color=color,
+                           edgecolor="black", zorder=4, label="selected on val" if i == 1 else None)
+            ax.axhline(avg, color="black", linestyle="--", linewidth=1, label=f"weight average {avg:.4f}")
+            ax.set_xticks(range(1, len(rows) + 1), [row.name for row in rows], rotation=30, ha="right")
+            ax.set_ylabel(f"{split} accuracy")
+            ax.grid(axis="y", alpha=0.3)
+            if ax_row == 0:
+                ax.set_title(f"{split} accuracy (n = {report.splits[split]} examples)")
+                ax.legend(fontsize=8, loc="lower left")
+            else:
+                focus = np.concatenate([data[0], data[1], [avg]])
+                pad = max(float(focus.max() - focus.min()), 1.0 / report.splits[split]) * 0.5
+                ax.set_ylim(float(focus.min()) - pad, float(focus.max()) + pad)
+                ax.set_title(f"{split} accuracy, zoomed on originals / generated / weight average", fontsize=9)
+    fig.suptitle(f"{report.task}: originals vs generated vs noise-added ({report.noise_mode} noise)")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
+    rows = _boxed_sets(report)
+    colors = _colors(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (measure, xlabel) in zip(axes, NOVELTY_AXES.items()):
+        for row, color in zip(rows, colors):
+            x = row.nearest(measure)
+            if x is None:
+                continue  # e.g. a single original has no other original to compare with
+            shown = "originals (to other originals)" if row.kind == "originals" else row.name
+            ax.scatter(np.asarray(x, dtype=float), np.asarray(row.networks["test_accuracy"], dtype=float), s=16, alpha=0.75, color=color,
+                       label=shown, **MARKERS.get(row.kind, dict(marker="o", zorder=2)))
+        avg = report.weight_average
+        ax.scatter(avg.nearest(measure), [avg.test.mean], marker="X", s=130, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label="weight average", zorder=5)  # hollow: points under it stay visible
+        positive = [v for row in rows for v in row.nearest(measure) or [] if v is not None and v > 0]
+        if measure == "l2" and positive:
+            ax.set_xscale("symlog", linthresh=float(min(positive)))  # distances span orders of magnitude
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{report.task}: accuracy vs novelty\n" + textwrap.fill(report.verdict.text, 150), fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees a half-written image
+    return path
+
+
+def plot_report(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write every plot into `out_dir`; returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "accuracy_distributions": plot_accuracy_distributions(report, out / PLOT_FILES["accuracy_distributions"]),
+        "accuracy_vs_novelty": plot_accuracy_vs_novelty(report, out / PLOT_FILES["accuracy_vs_novelty"]),
+    }

@@ -1,0 +1,135 @@
+"""Renderers of a `Report`: the terminal summary, the model-card table, flat tracker scalars, the
+per-network table and the W&B logging that combines them. Each takes the typed report, so a report
+loaded from `report.json` renders exactly like a fresh one."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from typing import Any, Mapping
+
+from .report import NetworkSet, Report, Summary
+from .scoring import SPLITS
+
+CARD_LABELS = {"originals": "original checkpoints", "generated": "generated", "weight_average": "weight average of the originals"}
+TABLE_COLUMNS = ["kind", "noise_scale", "index", "val_accuracy", "test_accuracy", "nearest_original_iou", "nearest_original_l2"]
+TABLE_KINDS = {"originals": "original"}  # the per-network table names one network, not the set
+
+
+def _mean(s: Summary | None) -> float:
+    """The mean of a summary; NaN when there is none (a lone original) or it was NaN (non-finite networks)."""
+    return math.nan if s is None or s.mean is None else s.mean
+
+
+def _iou_l2(row: NetworkSet) -> tuple[float, float]:
+    return (_mean(row.novelty.iou), _mean(row.novelty.l2)) if row.novelty else (math.nan, math.nan)
+
+
+def format_summary(report: Report) -> str:
+    """A compact table of the report for the terminal."""
+    header = f"{'':<22}{'n':>5}{'val mean':>10}{'val best':>10}{'test@val':>10}{'test mean':>10}{'test min':>10}{'test std':>10}{'near IoU':>10}{'near L2':>10}"
+    lines = [f"task {report.task}: D={report.dim}, val {report.splits['val']}, test {report.splits['test']} examples", header]
+    for row in report.rows():
+        iou, l2 = _iou_l2(row)
+        v, t = row.val, row.test
+        lines.append(
+            f"{row.label:<22}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
+            f"{t.mean:>10.4f}{t.min:>10.4f}{t.std:>10.4f}{iou:>10.3f}{l2:>10.4g}"
+        )
+    gg = report.generated_generated
+    lines.append(
+        "near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original; "
+        f"generated<->generated IoU {_mean(gg.iou):.3f}" if gg else "near IoU/L2: mean max IoU / min L2 to the nearest original"
+    )
+    if report.nonfinite_indices:
+        lines.append(f"WARNING: {len(report.nonfinite_indices)} generated networks hold NaN/Inf (counted as all wrong)")
+    lines.append("verdict: " + report.verdict.text)
+    t = report.timing
+    lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s)")
+    return "\n".join(lines)
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not math.isnan(value) else "–"
+
+
+def markdown_table(report: Report | None) -> str:
+    """The model card's table of the report (one row per set of networks); empty without a report."""
+    if report is None:
+        return ""
+    rows = [
+        "| networks | n | val mean | val best | test of best-on-val | test mean | test min | test max | nearest-original IoU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows():
+        label = f"originals + {row.label}" if row.kind == "noise" else CARD_LABELS[row.kind]
+        val, test = row.val, row.test
+        rows.append(
+            f"| {label} | {row.count} | {_num(val.mean)} | {_num(val.best)} | {_num(row.best_on_val.test_accuracy)} | "
+            f"{_num(test.mean)} | {_num(test.min)} | {_num(test.best)} | {_num(_iou_l2(row)[0], '.3f')} |"
+        )
+    return "\n".join(rows)
+
+
+def summary_metrics(report: Report) -> dict[str, float]:
+    """The headline numbers as flat `group/metric` scalars (for trackers, sweeps and benchmarks)."""
+    out: dict[str, Any] = {}
+    for row in (report.originals, report.generated):
+        for split in SPLITS:
+            out.update({f"{row.kind}/{split}_{stat}": value for stat, value in asdict(getattr(row, split)).items()})
+        out[f"{row.kind}/test_at_best_val"] = row.best_on_val.test_accuracy
+    average = report.weight_average.best_on_val
+    out["weight_average/val_accuracy"], out["weight_average/test_accuracy"] = average.val_accuracy, average.test_accuracy
+    for row in report.noise:
+        out[f"noise_{row.scale:g}/test_mean"] = row.test.mean
+        out[f"noise_{row.scale:g}/nearest_original_iou_mean"] = row.novelty.iou.mean
+    similarity = {"original_original": report.originals.novelty, "generated_generated": report.generated_generated, "generated_original": report.generated.novelty}
+    for name, novelty in similarity.items():
+        if novelty is not None and novelty.iou is not None:
+            out[f"similarity/{name}_iou_mean"] = novelty.iou.mean
+            out[f"similarity/{name}_l2_mean"] = novelty.l2.mean if novelty.l2 else None
+    out["timing/networks_per_s"] = report.timing.networks_per_s
+    out["verdict/generated_minus_noise_test_mean"] = report.verdict.difference
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def network_table(report: Report) -> tuple[list[str], list[list]]:
+    """One row per evaluated network (originals, generated, weight average, noise): columns and rows."""
+    rows: list[list] = []
+    for row in report.rows():
+        iou, l2 = row.nearest("iou"), row.nearest("l2")
+        for i in range(row.count):
+            nets = row.networks
+            rows.append([TABLE_KINDS.get(row.kind, row.kind), row.scale, i, nets["val_accuracy"][i], nets["test_accuracy"][i],
+                         iou[i] if iou else None, l2[i] if l2 else None])
+    return list(TABLE_COLUMNS), rows
+
+
+def log_to_wandb(report: Report, plots: Mapping[str, os.PathLike] | None = None, *, step: int | None = None, run: Any = None, prefix: str = "eval") -> bool:
+    """Log the headline numbers, a per-network `wandb.Table` and the plots to W&B; False when no run is active.
+
+    `run` may be a wandb run, an `accelerate.Accelerator` (its "wandb" tracker; other ranks log nothing),
+    or None for the active `wandb.run`.
+    """
+    if run is not None and hasattr(run, "get_tracker"):  # an Accelerator
+        if not run.is_main_process or not any(t.name == "wandb" for t in run.trackers):
+            return False
+        run = run.get_tracker("wandb", unwrap=True)
+    if run is None:
+        import wandb  # only when asked: importing wandb is slow
+
+        run = wandb.run
+    if run is None:
+        return False
+    import wandb
+
+    columns, rows = network_table(report)
+    data: dict[str, Any] = {f"{prefix}/{k}": v for k, v in summary_metrics(report).items()}
+    data[f"{prefix}/networks"] = wandb.Table(columns=columns, data=rows)
+    for name, path in (plots or {}).items():
+        if str(path).endswith(".png"):
+            data[f"{prefix}/{name}"] = wandb.Image(str(path))
+    run.log(data, step=step)
+    run.summary[f"{prefix}/verdict"] = report.verdict.text
+    return True

@@ -1,0 +1,397 @@
+"""The evaluation report: one typed object that every renderer reads, and its `report.json`.
+
+    report = evaluate_generated(originals, generated_vectors)      # a Report
+    report.save("outputs/digits/eval")                             # report.json, atomically
+    report = Report.load("outputs/digits/eval")                    # the same Report back
+    for row in report.rows(): ...                                  # originals, generated, weight average, noise
+
+What the report holds, and the choices behind it:
+
+* **Accuracy** of the original checkpoints, the generated networks and every baseline on the validation and
+  the test split: best (max), mean, median, min and sample std (`Stats`). A network is only ever *selected*
+  on the validation split (highest validation accuracy, then lowest validation loss, then lowest index);
+  the test accuracy of that network is what `best_on_val` reports. `test.best` is the oracle max over the
+  set, kept for comparison with the paper, which selected on test.
+* **Baselines** (see `pdiff.evaluation.baselines`): the uniform weight average of the originals (a set of
+  one network, so it reads like every other row) and the originals plus Gaussian noise at several scales.
+* **Novelty** (the paper's analysis): the similarity of two networks is the IoU of their sets of wrongly
+  classified test examples, |W_a ∩ W_b| / |W_a ∪ W_b| (1.0 when both sets are empty), and, independently,
+  the L2 distance of their parameter vectors. For each generated (and noise) network the report gives its
+  nearest original by either measure; the summaries give, per network, the max IoU / min L2 to the
+  nearest *other* original (original<->original), other generated network (generated<->generated) and
+  original (generated->original, noise->original).
+* **Verdict**, one line: the generated set is compared with the noise scale whose mean nearest-original
+  IoU is closest to the generated set's (equal novelty). It *beats* that baseline when its mean test
+  accuracy is higher by a margin of at least max(1 / N_test, 2 standard errors of the difference of
+  the two means), *loses* when lower by as much, and *ties* otherwise. When no scale comes within 0.05
+  IoU the line says so: add scales.
+
+Networks with NaN/Inf parameters count as getting every example wrong (accuracy 0, loss null) and are
+listed in `nonfinite_indices`, so a generator that produces garbage is visible rather than skipped.
+
+`report.json` (schema_version 1) is strict JSON with NaN/Inf as null; `Report.to_dict()` writes that layout
+and `Report.from_dict()` reads it back, so a saved report renders exactly like a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..data import ParameterDataset
+from ..tasks import Task
+from .baselines import DEFAULT_NOISE_SCALES, noisy_copies, weight_average
+from .inputs import as_vectors
+from .metrics import SELECTION_RULE, accuracy_stats, l2_distances, nearest_columns, select_on_val, summary, wrong_set_iou
+from .scoring import SPLITS, NetworkEvaluator, Scores, Timing
+from .verdict import Verdict, verdict
+
+REPORT_FILE = "report.json"
+SCHEMA_VERSION = 1
+SIMILARITY_MEASURE = "per network: max IoU of test wrong-example sets / min parameter L2 distance to the nearest member of the other set"
+LABELS = {"originals": "originals (to other)", "generated": "generated", "weight_average": "weight average"}
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain Python with NaN/Inf as None, so the report is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, torch.Tensor)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# -- the typed report ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """Accuracy of a set of networks on one split."""
+
+    best: float
+    mean: float
+    median: float
+    min: float
+    std: float
+
+
+@dataclass
+class Summary:
+    """A per-network quantity (nearest IoU or L2) over a set; None where it was NaN (non-finite networks)."""
+
+    mean: float | None
+    median: float | None
+    min: float | None
+    max: float | None
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Summary | None:
+        values = [math.nan if v is None else v for v in values]
+        s = summary(values)
+        return None if s is None else cls(**jsonable(s))
+
+
+@dataclass
+class Novelty:
+    """How close a set is to the nearest original (or, for generated<->generated, to its own members)."""
+
+    iou: Summary | None
+    l2: Summary | None
+
+    @classmethod
+    def of(cls, columns: Mapping[str, list], other: str) -> Novelty | None:
+        if f"nearest_{other}_iou" not in columns:
+            return None  # e.g. a single original has no other original to compare with
+        return cls(Summary.of(columns[f"nearest_{other}_iou"]), Summary.of(columns[f"nearest_{other}_l2"]))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Novelty | None:
+        if d is None:
+            return None
+        return cls(*(Summary(**d[m]) if d.get(m) is not None else None for m in ("iou", "l2")))
+
+
+@dataclass
+class Selection:
+    """The network chosen on validation, and its test accuracy (reported, never used to choose)."""
+
+    index: int
+    val_accuracy: float
+    test_accuracy: float
+
+
+@dataclass
+class NetworkSet:
+    """One row of the report: a set of networks scored on both splits, with their novelty."""
+
+    kind: str  # "originals" | "generated" | "weight_average" | "noise"
+    label: str  # terminal label: "originals (to other)", "generated", "weight average", "noise x2 (spread)"
+    count: int
+    val: Stats
+    test: Stats
+    best_on_val: Selection
+    novelty: Novelty | None  # to the nearest original (originals: to the nearest OTHER original)
+    networks: dict[str, list]  # per-network columns, as in report.json
+    scale: float | None = None  # noise scale
+
+    @property
+    def name(self) -> str:
+        """Short name for plot axes and legends: "originals", "weight average", "noise x2", ..."""
+        return f"noise x{self.scale:g}" if self.kind == "noise" else self.kind.replace("_", " ")
+
+    def nearest(self, measure: str) -> list | None:
+        """Per network, the IoU ("iou") or L2 ("l2") to the nearest original; None when there is none."""
+        other = "other_original" if self.kind == "originals" else "original"
+        return self.networks.get(f"nearest_{other}_{measure}")
+
+    def group_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "val": asdict(self.val), "test": asdict(self.test), "best_on_val": asdict(self.best_on_val), "networks": self.networks}
+
+    @classmethod
+    def from_group(cls, kind: str, d: Mapping[str, Any], novelty: Mapping | None, scale: float | None = None, mode: str = "") -> NetworkSet:
+        return cls(
+            kind=kind, label=set_label(kind, scale, mode), count=d["count"], val=Stats(**d["val"]), test=Stats(**d["test"]),
+            best_on_val=Selection(**d["best_on_val"]), novelty=Novelty.from_dict(novelty), networks=d["networks"], scale=scale,
+        )
+
+    @classmethod
+    def single(cls, kind: str, d: Mapping[str, Any]) -> NetworkSet:
+        """A set of one network from its flat record (the weight average in report.json)."""
+        networks = {key: [d[key]] for key in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "nearest_original_iou", "nearest_original_l2")}
+        val, test = (Stats(**accuracy_stats([d[f"{split}_accuracy"]])) for split in SPLITS)
+        return cls(kind=kind, label=set_label(kind), count=1, val=val, test=test, best_on_val=Selection(0, d["val_accuracy"], d["test_accuracy"]),
+                   novelty=Novelty.of(networks, "original"), networks=networks)
+
+    def single_dict(self) -> dict[str, Any]:
+        return {key: column[0] for key, column in self.networks.items()}
+
+
+def set_label(kind: str, scale: float | None = None, mode: str = "") -> str:
+    return f"noise x{scale:g} ({mode})" if kind == "noise" else LABELS[kind]
+
+
+def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class Report:
+    """Everything `evaluate_generated` found; see the module docstring. `selected` and `training` are
+    set by the training script before the report is saved next to the generator."""
+
+    task: str
+    dim: int
+    parameters: list[str]
+    splits: dict[str, int]
+    selection_rule: str
+    originals: NetworkSet
+    generated: NetworkSet
+    weight_average: NetworkSet
+    noise: list[NetworkSet]
+    noise_mode: str
+    noise_seed: int
+    noise_num_models: int
+    sigma_per_tensor: dict[str, float]
+    generated_generated: Novelty | None
+    nonfinite_indices: list[int]
+    stored_val_accuracy_matches: bool
+    verdict: Verdict
+    timing: Timing
+    created: str
+    schema_version: int = SCHEMA_VERSION
+    selected: dict | None = None
+    training: dict | None = None
+
+    def rows(self) -> Iterator[NetworkSet]:
+        """Every set of networks in report order: originals, generated, weight average, each noise scale."""
+        yield self.originals
+        yield self.generated
+        yield self.weight_average
+        yield from self.noise
+
+    # -- report.json ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout of schema_version 1 (strict: NaN/Inf as None)."""
+        out = {
+            "schema_version": self.schema_version, "created": self.created, "task": self.task, "dim": self.dim,
+            "parameters": self.parameters, "splits": self.splits, "selection_rule": self.selection_rule,
+            "originals": {**self.originals.group_dict(), "stored_val_accuracy_matches": self.stored_val_accuracy_matches},
+            "generated": {**self.generated.group_dict(), "nonfinite_indices": self.nonfinite_indices},
+            "baselines": {
+                "weight_average": self.weight_average.single_dict(),
+                "noise": {
+                    "mode": self.noise_mode, "seed": self.noise_seed, "num_models": self.noise_num_models, "sigma_per_tensor": self.sigma_per_tensor,
+                    "scales": [{"scale": s.scale, **s.group_dict(), "similarity_to_originals": _novelty_dict(s.novelty)} for s in self.noise],
+                },
+            },
+            "similarity": {
+                "measure": SIMILARITY_MEASURE,
+                "original_original": _novelty_dict(self.originals.novelty),
+                "generated_generated": _novelty_dict(self.generated_generated),
+                "generated_original": _novelty_dict(self.generated.novelty),
+                # The flat weight-average entry of schema 1: one network, so its IoU and L2 are plain numbers.
+                "weight_average_original": {m: self.weight_average.nearest(m)[0] for m in ("iou", "l2")},
+                "noise_original": {str(s.scale): _novelty_dict(s.novelty) for s in self.noise},
+            },
+            "timing": asdict(self.timing),
+            "verdict": self.verdict.to_dict(),
+        }
+        out.update({k: v for k, v in (("selected", self.selected), ("training", self.training)) if v is not None})
+        return jsonable(out)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Report:
+        """Read the layout `to_dict` writes; raises ValueError for another schema."""
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"not a pdiff evaluation report of schema_version {SCHEMA_VERSION} (got {d.get('schema_version')!r})")
+        sim, noise = d["similarity"], d["baselines"]["noise"]
+        return cls(
+            task=d["task"], dim=d["dim"], parameters=d["parameters"], splits=d["splits"], selection_rule=d["selection_rule"],
+            originals=NetworkSet.from_group("originals", d["originals"], sim["original_original"]),
+            generated=NetworkSet.from_group("generated", d["generated"], sim["generated_original"]),
+            weight_average=NetworkSet.single("weight_average", d["baselines"]["weight_average"]),
+            noise=[NetworkSet.from_group("noise", e, e["similarity_to_originals"], e["scale"], noise["mode"]) for e in noise["scales"]],
+            noise_mode=noise["mode"], noise_seed=noise["seed"], noise_num_models=noise["num_models"], sigma_per_tensor=noise["sigma_per_tensor"],
+            generated_generated=Novelty.from_dict(sim["generated_generated"]),
+            nonfinite_indices=d["generated"]["nonfinite_indices"], stored_val_accuracy_matches=d["originals"]["stored_val_accuracy_matches"],
+            verdict=Verdict(**_known(Verdict, d["verdict"])), timing=Timing(**_known(Timing, d["timing"])), created=d["created"],
+            schema_version=d["schema_version"], selected=d.get("selected"), training=d.get("training"),
+        )
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write `out_dir/report.json` atomically: a reader never sees half a report."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / REPORT_FILE
+        tmp = out / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"  # open() keeps the umask's mode
+        try:
+            with open(tmp, "x") as f:
+                json.dump(self.to_dict(), f, indent=2, allow_nan=False)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Report:
+        """A report from `report.json` or the folder holding it."""
+        path = Path(path)
+        return cls.from_dict(json.loads((path / REPORT_FILE if path.is_dir() else path).read_text()))
+
+
+def _novelty_dict(novelty: Novelty | None) -> dict[str, Any] | None:
+    return None if novelty is None else asdict(novelty)
+
+
+# -- building it --------------------------------------------------------------------------------
+
+
+def evaluate_generated(
+    originals: ParameterDataset,
+    generated: torch.Tensor | ParameterDataset,
+    *,
+    task: Task | None = None,
+    device: str | torch.device | None = None,
+    noise_scales: Sequence[float] = DEFAULT_NOISE_SCALES,
+    noise_mode: str = "spread",
+    num_noise_models: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    networks_per_chunk: int = 100,
+    max_networks_per_pass: int = 2048,
+) -> Report:
+    """Evaluate generated parameter vectors [N, D] against the originals they were learned from.
+
+    `num_noise_models` defaults to the number of generated networks, so every noise scale is a set of
+    the same size.
+    """
+    started = time.perf_counter()
+    generated = as_vectors(generated, originals)
+    task = task or originals.task
+    num_noise_models = len(generated) if num_noise_models is None else int(num_noise_models)
+    noise_scales = sorted({float(s) for s in noise_scales})
+    noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
+    if noise_scales:
+        noise, noise_base, sigmas = noisy_copies(originals.vectors, originals.layout, noise_scales, num_noise_models, seed=seed, mode=noise_mode)
+    evaluator = NetworkEvaluator(
+        task, originals.base_state, originals.layout, device=device, batch_size=batch_size,
+        networks_per_chunk=networks_per_chunk, max_networks_per_pass=max_networks_per_pass,
+    )
+    sets = _score_sets(evaluator, originals.vectors, generated, noise, noise_base, noise_mode)
+    splits = {name: len(evaluator.splits[name]) for name in SPLITS}
+    stored_val = originals.column("val_accuracy")
+    report = Report(
+        task=task.name, dim=originals.dim, parameters=list(originals.layout.names), splits=splits, selection_rule=SELECTION_RULE, **sets,
+        noise_mode=noise_mode, noise_seed=int(seed), noise_num_models=num_noise_models if noise_scales else 0,
+        sigma_per_tensor={} if sigmas is None else {name: float(v) for name, v in zip(originals.layout.names, sigmas)},
+        nonfinite_indices=(~torch.isfinite(generated).all(1)).nonzero().flatten().tolist(),
+        stored_val_accuracy_matches=bool(np.allclose(stored_val, sets["originals"].networks["val_accuracy"], atol=0.5 / splits["val"])),
+        verdict=verdict(sets["generated"], sets["noise"], splits["test"], noise_mode), timing=evaluator.timing(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    report.timing.total_seconds = round(time.perf_counter() - started, 4)
+    return report
+
+
+def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, noise_mode: str) -> dict[str, Any]:
+    """Score every set on both splits and measure its novelty: all on the test split's wrong-example sets
+    and on the parameter vectors."""
+
+    def score(vectors: torch.Tensor) -> dict[str, Scores]:
+        return {"val": evaluator.score(vectors, "val"), "test": evaluator.score(vectors, "test", return_wrong=True)}
+
+    average = weight_average(orig_vectors)
+    orig, gen, avg = score(orig_vectors), score(generated), score(average)
+    noise_scores = {s: score(v) for s, v in noise.items()}
+    orig_wrong = orig["test"].wrong
+
+    def to_originals(vectors, scores) -> dict[str, list]:
+        return nearest_columns(wrong_set_iou(scores["test"].wrong, orig_wrong), l2_distances(vectors, orig_vectors), "original")
+
+    def to_own_set(vectors, scores, other: str) -> dict[str, list]:
+        return nearest_columns(wrong_set_iou(scores["test"].wrong), l2_distances(vectors), other, exclude_self=True)
+
+    gen_columns = {**to_originals(generated, gen), **to_own_set(generated, gen, "other_generated")}
+    avg_near = to_originals(average, avg)
+    avg_record = {f"{split}_{metric}": float(getattr(avg[split], metric)[0]) for metric in ("accuracy", "loss") for split in SPLITS}
+    avg_record.update({f"nearest_original_{m}": avg_near[f"nearest_original_{m}"][0] for m in ("iou", "l2")})
+    return {
+        "originals": _network_set("originals", orig, to_own_set(orig_vectors, orig, "other_original")),
+        "generated": _network_set("generated", gen, gen_columns),
+        "weight_average": NetworkSet.single("weight_average", jsonable(avg_record)),
+        "noise": [
+            _network_set("noise", noise_scores[s], to_originals(v, noise_scores[s]), scale=s, mode=noise_mode, base_index=noise_base.tolist())
+            for s, v in noise.items()
+        ],
+        "generated_generated": Novelty.of(gen_columns, "other_generated"),
+    }
+
+
+def _network_set(kind: str, scores: dict[str, Scores], near: dict[str, list], *, scale=None, mode: str = "", base_index=None) -> NetworkSet:
+    columns = {} if base_index is None else {"base_index": base_index}
+    columns.update({f"{split}_{metric}": getattr(scores[split], metric).tolist() for split in SPLITS for metric in ("accuracy", "loss")})
+    columns.update(near)
+    val, test = scores["val"].accuracy, scores["test"].accuracy
+    best = select_on_val(val, scores["val"].loss)
+    return NetworkSet(
+        kind=kind, label=set_label(kind, scale, mode), count=len(val), val=Stats(**accuracy_stats(val)), test=Stats(**accuracy_stats(test)),
+        best_on_val=Selection(best, float(val[best]), float(test[best])), novelty=Novelty.of(columns, "other_original" if kind == "originals" else "original"),
+        networks=jsonable(columns), scale=scale,
+    )

@@ -1,0 +1,173 @@
+"""Files that are complete or absent: atomic writes, output folders that refuse to be clobbered, run locks.
+
+Every file or folder pdiff writes goes through here, so an interrupted run never leaves something
+under the final name that looks complete, and two runs never write into one output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+LOCK_FILE = ".pdiff.lock"
+PARTIAL_MARK = ".partial-"
+
+
+class OutputError(OSError):
+    """An output path that cannot be written (exists, read-only, full disk, locked by another run)."""
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output", flag: str = "overwrite=true") -> None:
+    """Refuse, before any work is done, to write where something already lives unless told to (`flag`)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; choose another directory for the {what}")
+    if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} already holds a {what} (or other files); pass {flag} to replace it, or choose another directory")
+    check_writable(path.parent if not path.exists() else path)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, naming the folder, if nothing can be written under `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"{path} is not writable: choose an output folder you can write to")
+
+
+@contextlib.contextmanager
+def friendly_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk or a read-only file system into one line that names the path."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise OutputError(err.errno, f"could not write {path}: {os.strerror(err.errno)}; free space or choose another output folder") from err
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}{os.getpid()}-", dir=path.parent))
+    try:
+        with friendly_os_errors(path):
+            yield tmp
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Remove `.NAME.partial-PID-*` folders that a killed process left beside `path`."""
+    for partial in path.parent.glob(f".{path.name}{PARTIAL_MARK}*"):
+        pid = partial.name[len(f".{path.name}{PARTIAL_MARK}") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file atomically: readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with friendly_os_errors(path):
+            with open(tmp, "w") as f:  # open() keeps the umask's file mode
+                f.write(text)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a damaged one is an error that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or write it again") from err
+
+
+# -- locks --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold `<folder>/.pdiff.lock` (PID and host) for the duration of a run; a second run fails at once.
+
+    A lock whose process is gone (same host, PID not alive) is stale and taken over, so a run killed
+    with -9 never blocks the next one.
+    """
+    folder = Path(folder)
+    check_writable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder and holder.get("host") == owner["host"] and not _alive(int(holder.get("pid", -1))):
+                lock.unlink(missing_ok=True)  # stale: its process died
+                continue
+            raise OutputError(errno.EBUSY, f"{folder} is in use by another run ({_describe(holder)}); wait for it, or choose another output folder")
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        break
+    try:
+        yield lock
+    finally:
+        if (_read_lock(lock) or {}).get("pid") == owner["pid"]:
+            lock.unlink(missing_ok=True)
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return f"see {LOCK_FILE}"
+    return f"pdiff {holder.get('command', '?')}, pid {holder.get('pid')} on {holder.get('host')}"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,85 @@
+"""Scoring the generator while it trains: sample networks, score them on validation, compare replicas.
+
+Generators are only ever selected on the validation split; the test split is left to the final report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from diffusers import DDPMScheduler, UNet1DModel
+from diffusers.training_utils import EMAModel
+
+from ..evaluation.scoring import evaluate_vectors
+from ..models import ParameterAutoencoder, TargetNetwork
+from ..pipelines import PDiffPipeline, sampler_scheduler
+from ..tasks import Task
+
+logger = get_logger(__name__)
+
+
+def build_pipeline(accelerator: Accelerator, ae, unet, ema: EMAModel | None, noise_scheduler: DDPMScheduler, target: TargetNetwork, cfg) -> PDiffPipeline:
+    """A pipeline on the trained components, with the EMA weights in the denoiser when EMA is on."""
+    unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        unet = UNet1DModel.from_config(unet.config).to(accelerator.device)
+        ema.copy_to(unet.parameters())
+    pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), target=target,
+                         scheduler=sampler_scheduler(cfg.generator.sampler, noise_scheduler.config),
+                         default_num_inference_steps=int(cfg.generator.num_inference_steps))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_for_validation(pipe: PDiffPipeline, num_models: int, seed: int) -> torch.Tensor:
+    """The same latent noise at every evaluation, so medians of different steps are comparable."""
+    return pipe(num_models=num_models, generator=torch.Generator().manual_seed(seed)).params
+
+
+def validation_accuracy(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
+    return evaluate_vectors(target.net.to(device), target.layout, vectors, task.data.val, task.data.prepare, batch_size=task.eval_batch_size).accuracy
+
+
+def accuracy_stats(prefix: str, acc: torch.Tensor) -> dict[str, float]:
+    return {f"{prefix}_best": float(acc.max()), f"{prefix}_mean": float(acc.mean()), f"{prefix}_median": float(acc.median()), f"{prefix}_min": float(acc.min())}
+
+
+@torch.no_grad()
+def reconstruction_logs(ae: ParameterAutoencoder, vectors: torch.Tensor, latents: torch.Tensor, original_val_accuracy, task: Task, target: TargetNetwork, device) -> dict:
+    """How well the autoencoder alone reproduces the checkpoints: decoded networks on validation, and MSE."""
+    recon = ae.latents_to_params(latents)
+    logs = {**accuracy_stats("ae/recon_val_acc", validation_accuracy(task, target, recon, device)),
+            **accuracy_stats("ae/original_val_acc", torch.as_tensor(original_val_accuracy)),
+            "ae/recon_mse": float(torch.nn.functional.mse_loss(ae.normalize(recon), ae.normalize(vectors)))}
+    logger.info(f"autoencoder reconstruction: val acc median {logs['ae/recon_val_acc_median']:.4f} (originals {logs['ae/original_val_acc_median']:.4f})", main_process_only=True)
+    return logs
+
+
+def state_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas_in_sync(accelerator: Accelerator, output_dir: str, ae, unet) -> None:
+    """Compare every rank's weights after training; record the digests in `<output_dir>/replicas.json`.
+
+    DDP keeps replicas identical by construction; a difference means a rank trained on something the
+    others did not (a bug, or non-deterministic kernels), and the saved generator is only rank 0's.
+    """
+    mine = {"ae": state_digest(accelerator.unwrap_model(ae)), "unet": state_digest(accelerator.unwrap_model(unet))}
+    digests = gather_object([mine])
+    if accelerator.is_main_process:
+        in_sync = all(d == digests[0] for d in digests)
+        record = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision, "in_sync": in_sync, "digests": digests}
+        (Path(output_dir) / "replicas.json").write_text(json.dumps(record, indent=2))
+        if not in_sync:
+            logger.warning("the ranks ended with different weights; the saved generator is rank 0's", main_process_only=True)
