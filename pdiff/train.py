@@ -46,7 +46,7 @@ from pdiff.models import ParameterAutoencoder, TargetNetwork, build_unet
 from pdiff.pipelines import PDiffPipeline
 from pdiff.pipelines.loading import check_component_weights
 from pdiff.tasks import Task
-from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point, start_over
+from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point
 from pdiff.training.loop import TrainingRun, TrainingState
 from pdiff.training.losses import autoencoder_loss, diffusion_loss
 from pdiff.training.validation import accuracy_stats, build_pipeline, check_replicas_in_sync, reconstruction_logs, sample_for_validation, validation_accuracy
@@ -68,9 +68,7 @@ def main(argv: Sequence[str] | None = None) -> Report | None:
 
 def train(cfg: DictConfig, accelerator: Accelerator) -> Report | None:
     t, device = cfg.train, accelerator.device
-    resume_path = resume_point(cfg)
-    if resume_path is None:
-        start_over(accelerator, cfg)
+    resume_path = resume_point(cfg, accelerator)
     set_seed(int(cfg.seed), device_specific=True)
 
     # -- set up: data, models, optimizers, schedules ---------------------------------------------
@@ -83,11 +81,8 @@ def train(cfg: DictConfig, accelerator: Accelerator) -> Report | None:
     diffusion_steps = int(t.diffusion_steps) if t.phase in ("all", "diffusion") else 0
     opt_ae, lr_ae = optimizer_and_schedule(ae, float(t.ae_lr), ae_steps, cfg, accelerator.num_processes)
     opt_unet, lr_unet = optimizer_and_schedule(unet, float(t.diffusion_lr), diffusion_steps, cfg, accelerator.num_processes)
-    ema = EMAModel(unet.parameters(), decay=float(t.ema_decay), model_cls=UNet1DModel, model_config=unet.config) if t.ema_decay else None
+    ema = make_ema(unet, cfg, accelerator)
     ae, unet, opt_ae, opt_unet, lr_ae, lr_unet = accelerator.prepare(ae, unet, opt_ae, opt_unet, lr_ae, lr_unet)
-    if ema is not None:
-        ema.to(device)
-    register_ema_hooks(accelerator, ema)
 
     state = TrainingState()
     if resume_path is not None:
@@ -102,6 +97,7 @@ def train(cfg: DictConfig, accelerator: Accelerator) -> Report | None:
     normalized = accelerator.unwrap_model(ae).normalize(vectors)  # what the autoencoder reconstructs
     while run.state.step < ae_steps:
         run.optimizer_step(ae, opt_ae, lr_ae, lambda g: autoencoder_loss(ae, normalized[draw_batch(g, len(dataset), cfg)], g), phase="ae")
+        run.end_step()
 
     # -- encode the dataset once ---------------------------------------------------------------
     latents = encode_dataset(accelerator.unwrap_model(ae), vectors, fix_scale=ae_steps > 0)
@@ -113,21 +109,17 @@ def train(cfg: DictConfig, accelerator: Accelerator) -> Report | None:
 
     # -- the denoiser --------------------------------------------------------------------------
     while run.state.step < run.total_steps:
-        run.optimizer_step(unet, opt_unet, lr_unet, lambda g: diffusion_loss(unet, noise_scheduler, latents[draw_batch(g, len(dataset), cfg)], g), phase="diffusion")
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+        run.optimizer_step(unet, opt_unet, lr_unet, lambda g: diffusion_loss(unet, noise_scheduler, latents[draw_batch(g, len(dataset), cfg)], g), phase="diffusion", ema=ema)
         if t.eval_every and run.state.step % int(t.eval_every) == 0 and run.state.step < run.total_steps:
             validate_and_keep_best(run, build_pipeline(accelerator, ae, unet, ema, noise_scheduler, target, cfg), task, target)
+        run.end_step()  # last: the checkpoint holds the step's validation bookkeeping
     run.progress.close()
 
     # -- select on validation, report ------------------------------------------------------------
     check_replicas_in_sync(accelerator, cfg.output_dir, ae, unet)
     report = None
     if diffusion_steps and accelerator.is_main_process:
-        started = time.perf_counter()
-        last = build_pipeline(accelerator, ae, unet, ema, noise_scheduler, target, cfg)
-        report = select_and_report(run, last, dataset, task, run.summary())
-        report.training["final_evaluation_seconds"] = round(time.perf_counter() - started, 3)
+        report = select_and_report(run, build_pipeline(accelerator, ae, unet, ema, noise_scheduler, target, cfg), dataset, task)
     if accelerator.is_main_process:
         write_json(Path(cfg.output_dir) / "timings.json", report.training if report else run.summary())
     accelerator.wait_for_everyone()
@@ -196,6 +188,16 @@ def optimizer_and_schedule(model, lr: float, steps: int, cfg: DictConfig, world:
     return optimizer, schedule
 
 
+def make_ema(unet, cfg: DictConfig, accelerator: Accelerator) -> EMAModel | None:
+    """An EMA of the denoiser (diffusers' EMAModel), saved with every checkpoint; None when train.ema_decay is null."""
+    if not cfg.train.ema_decay:
+        return None
+    ema = EMAModel(unet.parameters(), decay=float(cfg.train.ema_decay), model_cls=UNet1DModel, model_config=unet.config)
+    ema.to(accelerator.device)
+    register_ema_hooks(accelerator, ema)
+    return ema
+
+
 def start_logging(cfg: DictConfig, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         write_json(Path(cfg.output_dir) / "config.json", to_dict(cfg))
@@ -256,9 +258,9 @@ def _broadcast_best(accelerator: Accelerator, state: TrainingState) -> tuple[int
     return best[0], best[1]
 
 
-def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterDataset, task: Task, training: dict) -> Report:
+def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterDataset, task: Task) -> Report:
     """Pick the generator (best on validation, else the last), evaluate it on a fresh sample, save and push it."""
-    cfg, acc = run.cfg, run.accelerator
+    cfg, acc, started = run.cfg, run.accelerator, time.perf_counter()
     last_median = float(validation_accuracy(task, last.target, sample_for_validation(last, int(cfg.train.eval_num_models), int(cfg.seed)), acc.device).median())
     pipe, selected = last, {"step": run.state.step, "val_acc_median": last_median}
     best_dir = Path(cfg.output_dir) / "best_generator"
@@ -270,7 +272,7 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
     generated = pipe(num_models=int(cfg.train.num_final_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
     report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device, seed=int(cfg.seed))
     report.selected = {**selected, "selected_on": "validation"}
-    report.training = training
+    report.training = {**run.summary(), "final_evaluation_seconds": round(time.perf_counter() - started, 3)}
     plots = [p for p in paths.values() if str(p).endswith(".png")]
     save_generator(pipe, Path(cfg.generator_dir), report=report, plots=plots)
     logger.info(f"saved the generator to {cfg.generator_dir}", main_process_only=True)

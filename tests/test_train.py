@@ -38,14 +38,18 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator (e.g. bf16 after fp32), as a new process would."""
+def reset_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its own Accelerator (e.g. bf16 after fp32), as a new process would."""
+    reset_accelerator_state()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
 
 
 def run_train(out: Path, dataset: Path, *overrides: str) -> Report | None:
@@ -209,3 +213,57 @@ def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
     assert sorted(losses(tmp_path / "diffusion")) == list(range(1, 7))  # diffusion steps only
     with pytest.raises(ConfigError, match="autoencoder_path"):
         run_train(tmp_path / "nothing", digits_params, "train.phase=diffusion")
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, digits_params):
+    """A run killed after logging step 12 but before its last checkpoint, resumed from the latest one:
+    metrics.jsonl holds each step once, as the uninterrupted run's does, and the same generator is selected."""
+    import shutil
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    settings = ["train.eval_every=2", "train.checkpoints_total_limit=null"]
+    reference = run_train(full, digits_params, *settings)
+    shutil.copytree(full, killed)
+    for name in ("checkpoints/checkpoint-12", "generator", "report", "timings.json"):
+        shutil.rmtree(killed / name) if (killed / name).is_dir() else (killed / name).unlink()
+    reset_accelerator_state()
+    resumed = run_train(killed, digits_params, *settings, "train.resume_from_checkpoint=latest")
+
+    def rows(out):
+        timing = ("steps_per_s", "samples_per_s")
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(timing)} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(killed) == rows(full)
+    assert resumed.selected == reference.selected
+    assert (killed / "generator" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (full / "generator" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_gradient_accumulation(tmp_path, digits_params):
+    report = run_train(tmp_path, digits_params, "train.gradient_accumulation_steps=3", "train.batch_size=4")
+    steps = losses(tmp_path)
+    assert sorted(steps) == list(range(1, 13)) and all(map(torch.isfinite, torch.tensor(list(steps.values()))))
+    assert report.training["ae"]["samples_per_s"] == pytest.approx(report.training["ae"]["steps_per_s"] * 12, rel=1e-2)
+
+
+def test_every_micro_batch_draws_its_own_randomness():
+    from pdiff.training.losses import step_generator
+
+    draws = {(step, micro): tuple(torch.rand(4, generator=step_generator(0, 0, step, micro, "cpu")).tolist()) for step in range(3) for micro in range(130)}
+    assert len(set(draws.values())) == len(draws)  # no (step, micro) pair shares a seed, even past 64 micro-batches
+    again = torch.rand(4, generator=step_generator(0, 0, 2, 100, "cpu"))
+    assert tuple(again.tolist()) == draws[(2, 100)]
+
+
+def test_the_best_generator_so_far_survives_a_resume(tmp_path, digits_params):
+    """The validation bookkeeping travels in the checkpoint: a resumed run compares against the best
+    generator found before the interruption (here made unbeatable by editing the checkpoint's state)."""
+    settings = ["train.eval_every=2", "train.checkpoints_total_limit=null"]
+    run_train(tmp_path, digits_params, *settings)
+    state_file = tmp_path / "checkpoints" / "checkpoint-8" / STATE_FILE
+    saved = json.loads(state_file.read_text())
+    assert saved["state"]["best_step"] == 8  # the evaluation at step 8 ran before the step's checkpoint
+    saved["state"]["best_val_median"] = 2.0
+    state_file.write_text(json.dumps(saved))
+    reset_accelerator_state()
+    resumed = run_train(tmp_path, digits_params, *settings, "overwrite=true", f"train.resume_from_checkpoint={state_file.parent}")
+    assert resumed.selected == {"step": 8, "val_acc_median": 2.0, "selected_on": "validation"}

@@ -1,7 +1,8 @@
 """The latent denoiser: a diffusers `UNet1DModel` configured for a generic latent of C channels.
 
 Uses the ResNet/temporal block family, in which the timestep enters every block (the audio-style
-blocks can silently drop the time embedding or halve the length; see shared NOTES).
+blocks see the timestep only when the first block is `DownBlock1DNoSkip` with `extra_in_channels` set to the
+time-embedding width; otherwise they can silently drop it or return half the length).
 """
 
 from __future__ import annotations

@@ -42,11 +42,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def resume_point(cfg: DictConfig) -> Path | None:
+def resume_point(cfg: DictConfig, accelerator: Accelerator) -> Path | None:
     """The checkpoint to resume from, after checking it was made with the same settings; None to start anew.
 
     Checkpoints of an earlier run in the same output_dir are an error unless the run is resumed or
-    `overwrite=true` says to start over (the caller then removes them).
+    `overwrite=true` says to start over, which removes them.
     """
     path = _requested_checkpoint(cfg)
     if path is not None:
@@ -55,6 +55,8 @@ def resume_point(cfg: DictConfig) -> Path | None:
             raise ConfigError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs) + ". Resume with the same settings, or start a new output_dir")
     elif complete_checkpoints(checkpoint_root(cfg)) and not cfg.overwrite:
         raise FileExistsError(f"{checkpoint_root(cfg)} holds checkpoints of an earlier run: pass train.resume_from_checkpoint=latest to continue it, or overwrite=true to start over")
+    if path is None:
+        start_over(accelerator, cfg)
     return path
 
 

@@ -1,8 +1,10 @@
 """The bookkeeping around each training step: the optimizer step, logging, checkpoints, timing.
 
-The training script's two loops (autoencoder, then diffusion) call `TrainingRun.step` once per
-optimizer step and stay a few lines long; everything a step leaves behind (a metrics row, a checkpoint,
-the progress bar, throughput) happens here, the same way for both phases.
+The training script's two loops (autoencoder, then diffusion) call `TrainingRun.optimizer_step` and
+`TrainingRun.end_step` once per step and stay a few lines long; everything a step leaves behind (a
+metrics row, a checkpoint, the progress bar, throughput) happens here, the same way for both phases.
+Whatever else the loop does in a step (validation) goes between the two calls, so the step's
+checkpoint, written last, holds it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -54,21 +57,21 @@ class TrainingRun:
         self.timing = {"ae": PhaseTiming(), "diffusion": PhaseTiming()}
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", disable=not self.accelerator.is_main_process)
         self._last_log = (time.perf_counter(), self.state.step)
-        self._step_started = time.perf_counter()
+        self._pending: tuple[str, dict] = ("ae", {})
 
     @property
     def global_batch(self) -> int:
         t = self.cfg.train
         return int(t.batch_size) * self.accelerator.num_processes * int(t.gradient_accumulation_steps)
 
-    def optimizer_step(self, model, optimizer, lr_schedule, loss_of: Callable[[torch.Generator], torch.Tensor], phase: str) -> None:
-        """One optimizer step (with gradient accumulation), then its logging and checkpointing.
+    def optimizer_step(self, model, optimizer, lr_schedule, loss_of: Callable[[torch.Generator], torch.Tensor], phase: str, ema: EMAModel | None = None) -> None:
+        """One optimizer step (with gradient accumulation) and the EMA update; counts the step.
 
         `loss_of(generator)` draws its batch and noise from the generator it is given, so the step is a
         pure function of (seed, rank, step).
         """
         t, acc = self.cfg.train, self.accelerator
-        self._step_started = time.perf_counter()
+        started = time.perf_counter()
         model.train()
         grad_norm = None
         for micro in range(int(t.gradient_accumulation_steps)):
@@ -83,16 +86,18 @@ class TrainingRun:
         mean_loss = acc.reduce(loss.detach().float(), "mean").item()  # every rank sees a divergence
         if not math.isfinite(mean_loss):
             self._diverged(phase, mean_loss)
-        self._end_step(phase, {f"{phase}/loss": mean_loss, f"{phase}/lr": lr_schedule.get_last_lr()[0],
-                               **({f"{phase}/grad_norm": float(grad_norm)} if grad_norm is not None else {})})
-
-    def _end_step(self, phase: str, logs: dict) -> None:
+        if ema is not None:
+            ema.step(acc.unwrap_model(model).parameters())
         self.state.step += 1
-        timing = self.timing[phase]
-        timing.steps += 1
-        timing.seconds += time.perf_counter() - self._step_started
+        self.timing[phase].steps += 1
+        self.timing[phase].seconds += time.perf_counter() - started
         self.progress.update(1)
-        step, t = self.state.step, self.cfg.train
+        self._pending = (phase, {f"{phase}/loss": mean_loss, f"{phase}/lr": lr_schedule.get_last_lr()[0],
+                                 **({f"{phase}/grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+
+    def end_step(self) -> None:
+        """Log the step (every train.log_every) and checkpoint it (every train.checkpointing_steps)."""
+        (phase, logs), step, t = self._pending, self.state.step, self.cfg.train
         if step % int(t.log_every) == 0 or step == self.total_steps:
             now = time.perf_counter()
             steps_per_s = (step - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
