@@ -26,7 +26,10 @@ _EXPORTS = {
     "Task": "pdiff.tasks",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "PDiffPipeline", "PDiffPipelineOutput", "ParameterAutoencoder", "ParameterDataset", "ParameterLayout",
+    "TargetNetwork", "Task", "build_unet", "register_with_diffusers", "select_parameters", "__version__",
+]
 
 if TYPE_CHECKING:
     from .data import ParameterDataset

@@ -12,6 +12,7 @@ import resource
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 TINY = [
     "task.param.k=12", "task.base.epochs=4", "task.param.warmup_steps=2",
     "train.ae_steps=8", "train.diffusion_steps=8", "train.eval_every=0", "train.checkpointing_steps=0",
@@ -25,9 +27,19 @@ def test_bench_pipeline_writes_json(tmp_path, run_cli):
     assert phases["collect"]["checkpoints"] == 12 and phases["autoencoder"]["steps"] == 8 and phases["diffusion"]["steps"] == 8
     assert phases["sampling_ddim"]["steps"] == 4 and phases["sampling_ddpm"]["steps"] == 20
     assert phases["evaluation_batched_vs_one_by_one"]["identical"] is True
+    # the outcome is the saved generator's own report, number for number
+    report = json.loads((tmp_path / "work" / "generator" / "report.json").read_text())
     outcome = result["outcome"]
-    assert 0 <= outcome["generated"]["test"]["median"] <= 1 and 0 <= outcome["nearest_original_iou_mean"] <= 1
-    assert "noise" in outcome["verdict"]
+    for group in ("originals", "generated"):
+        for split in ("val", "test"):
+            assert outcome[group][split] == {k: report[group][split][k] for k in ("best", "mean", "median", "min")}
+    assert outcome["generated_test_at_best_val"] == report["generated"]["best_on_val"]["test_accuracy"]
+    assert outcome["nearest_original_iou_mean"] == report["similarity"]["generated_original"]["iou"]["mean"]
+    assert outcome["verdict"] == report["verdict"]["text"] and report["generated"]["count"] == 6
+    # sampling figures agree with each other; evaluation covers originals, generated, average and 6 noise scales
+    ddim = phases["sampling_ddim"]
+    assert ddim["networks_per_s"] == pytest.approx(ddim["num_models"] / ddim["seconds"], rel=0.1)  # seconds are rounded to 1 ms
+    assert phases["evaluation"]["networks_evaluated"] == 12 + 6 + 1 + 6 * 6
 
 
 def test_bench_a_saved_generator(tmp_path, run_cli):

@@ -54,9 +54,25 @@ def test_readme_has_the_two_setup_commands():
 
 @pytest.mark.parametrize("argv", pdiff_commands(), ids=lambda a: " ".join(a)[:60])
 def test_every_pdiff_command_parses_and_composes(argv):
-    args = build_parser().parse_args([a for a in argv if "=" not in a or a.startswith("-")] + [a for a in argv if "=" in a and not a.startswith("-")])
+    """Each README command means what it says: its options land in the parsed arguments and its
+    overrides in the composed config, with the values written in the README."""
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    args = build_parser().parse_args([a for a in argv if a not in overrides] + overrides)
+    assert args.command == argv[0]
+    for option, value in zip(argv, argv[1:]):
+        if option.startswith("--") and not value.startswith("-"):
+            assert str(getattr(args, option[2:].replace("-", "_"))) == value, option
     if args.command in ("collect", "train", "config", "bench"):
-        load_config([a for a in argv[1:] if "=" in a and not a.startswith("-")])  # raises on an unknown key
+        assert args.overrides == overrides
+        cfg = load_config(overrides)  # raises on an unknown key or a bad value
+        for key, _, value in (o.partition("=") for o in overrides):
+            composed = OmegaConf.select(cfg, key)
+            if OmegaConf.is_config(composed):  # a group choice, e.g. task=digits
+                assert key != "task" or composed.name == value
+            else:
+                assert str(composed) == value, key
 
 
 @pytest.mark.parametrize("script", ["launch/cifar100_resnet18_k200.sh", "launch/single_node.sh", "launch/sweep.sh"])

@@ -51,7 +51,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(only=chosen if chosen in COMMANDS else "").parse_args(argv)
+    parser = build_parser(only=chosen if chosen in COMMANDS else "")
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow a command's options (`pdiff sweep X.yaml --local k=v`); argparse hands
+    # back positionals that come after options as unrecognised: take them as overrides, flags stay errors.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         args.run(args)
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
