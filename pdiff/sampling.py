@@ -13,13 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from .data import ParameterDataset
+from .evaluation.inputs import NETWORKS_FILE
 from .evaluation.scoring import evaluate_vectors
 from .io import atomic_directory, write_json
 from .pipelines import PDiffPipeline, sampler_scheduler
 from .runtime import resolve_device
 from .tasks import Task
-
-NETWORKS_FILE = "pdiff_networks.json"
 
 
 def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sampler: str | None = None, revision: str | None = None) -> PDiffPipeline:

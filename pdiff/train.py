@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, UNet1DModel
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
@@ -42,7 +42,7 @@ from pdiff.config import ConfigError, flatten, load_config, to_dict
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import Report, evaluate_and_write
 from pdiff.io import atomic_directory, output_lock, write_json
-from pdiff.models import ParameterAutoencoder, TargetNetwork, build_unet
+from pdiff.models import ParameterAutoencoder, TargetNetwork, UNet1DModel, build_unet
 from pdiff.pipelines import PDiffPipeline
 from pdiff.pipelines.loading import check_component_weights
 from pdiff.tasks import Task
@@ -61,18 +61,18 @@ def main(argv: Sequence[str] | None = None) -> Report | None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     check_environment(cfg)
     accelerator = make_accelerator(cfg)
+    dataset, task = load_parameter_dataset(cfg)  # read and checked before anything is written
     lock = output_lock(cfg.output_dir, "train") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
-        return train(cfg, accelerator)
+        return train(cfg, accelerator, dataset, task)
 
 
-def train(cfg: DictConfig, accelerator: Accelerator) -> Report | None:
+def train(cfg: DictConfig, accelerator: Accelerator, dataset: ParameterDataset, task: Task) -> Report | None:
     t, device = cfg.train, accelerator.device
     resume_path = resume_point(cfg, accelerator)
     set_seed(int(cfg.seed), device_specific=True)
 
-    # -- set up: data, models, optimizers, schedules ---------------------------------------------
-    dataset, task = load_parameter_dataset(cfg)
+    # -- set up: models, optimizers, schedules ---------------------------------------------------
     vectors = dataset.vectors.to(device)  # the whole parameter dataset stays on the device
     ae = build_autoencoder(cfg, dataset)
     unet = build_unet(*ae.latent_shape, **to_dict(cfg.generator.unet))

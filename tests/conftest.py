@@ -76,7 +76,7 @@ def run_cli():
 
     def run(*args: str, cwd: Path | str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
         exe = Path(sys.executable).with_name("pdiff")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pdiff.commands"]
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pdiff"]
         return subprocess.run(
             [*cmd, *args], cwd=cwd or REPO_ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
             capture_output=True, text=True, timeout=timeout,

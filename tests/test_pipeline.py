@@ -282,6 +282,26 @@ def test_pickle_files_are_never_loaded(pipe, saved, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("component", ["unet", "autoencoder", "target"])
+def test_diffusers_own_loader_never_unpickles(saved, tmp_path, component):
+    """`DiffusionPipeline.from_pretrained` falls back to `.bin` weights unless told otherwise; pdiff's
+    components refuse whichever loader calls them, a legitimate torch-saved state dict included."""
+    assert json.loads((saved / "model_index.json").read_text())["unet"] == ["pdiff.models.unet", "UNet1DModel"]
+    folder = Path(shutil.copytree(saved, tmp_path / "gen"))
+    weights = folder / component / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / component / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        DiffusionPipeline.from_pretrained(folder)
+    marker = tmp_path / "PICKLE_WAS_EXECUTED"
+    write_malicious_pickle(folder / component / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(OSError):
+        DiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="safetensors only"):
+        DiffusionPipeline.from_pretrained(saved, use_safetensors=False)
+    assert not marker.exists()
+
+
 def test_model_index_may_not_name_other_code(saved, tmp_path):
     folder = Path(shutil.copytree(saved, tmp_path / "gen"))
     _edit_json(folder / "model_index.json", lambda c: c.update(autoencoder=["subprocess", "Popen"]))

@@ -84,7 +84,3 @@ def _resume_hint(args) -> str:
     if args.command in ("collect", "sample", "evaluate"):
         return "; nothing was written under the output name, run the command again"
     return ""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -201,6 +201,8 @@ def _load_rows(folder: Path) -> datasets.Dataset:
     """The rows, from `save_to_disk` Arrow files or Hub Parquet files; a damaged file names the folder."""
     try:
         if (folder / "state.json").exists():
+            if not read_json(folder / "state.json").get("_data_files", True):  # `save_to_disk` of no rows
+                return datasets.Dataset.from_dict({})
             return datasets.load_from_disk(str(folder))
         files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
         if not files:

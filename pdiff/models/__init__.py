@@ -4,6 +4,6 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 
 from .autoencoder import AutoencoderOutput, ParameterAutoencoder
 from .target import TargetNetwork
-from .unet import build_unet
+from .unet import UNet1DModel, build_unet
 
-__all__ = ["AutoencoderOutput", "ParameterAutoencoder", "TargetNetwork", "build_unet"]
+__all__ = ["AutoencoderOutput", "ParameterAutoencoder", "TargetNetwork", "UNet1DModel", "build_unet"]

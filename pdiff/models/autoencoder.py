@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..params import ParameterLayout
+from .safetensors_only import SafetensorsOnly
 
 
 @dataclass
@@ -38,7 +39,7 @@ def _block(c_in: int, c_out: int, groups: int, conv: nn.Module) -> nn.Sequential
     return nn.Sequential(nn.GroupNorm(math.gcd(groups, c_in), c_in), nn.SiLU(), conv)
 
 
-class ParameterAutoencoder(ModelMixin, ConfigMixin):
+class ParameterAutoencoder(SafetensorsOnly, ModelMixin, ConfigMixin):
     """Encode [B, D] parameter vectors into latents [B, latent_channels, latent_length] and back.
 
     Each conv block halves the length; the vector is zero-padded so that the latent length is a

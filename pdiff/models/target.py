@@ -16,10 +16,11 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from torch import nn
 
 from ..params import ParameterLayout
+from .safetensors_only import SafetensorsOnly
 from ..tasks.networks import build_network
 
 
-class TargetNetwork(ModelMixin, ConfigMixin):
+class TargetNetwork(SafetensorsOnly, ModelMixin, ConfigMixin):
     """The base network plus the layout of its generated part."""
 
     @register_to_config

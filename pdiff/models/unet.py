@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from diffusers import UNet1DModel
+from diffusers import UNet1DModel as DiffusersUNet1DModel
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
+
+from .safetensors_only import SafetensorsOnly
+
+
+class UNet1DModel(SafetensorsOnly, DiffusersUNet1DModel):
+    """diffusers' UNet1DModel, loaded from safetensors only (see `SafetensorsOnly`)."""
 
 
 def build_unet(latent_channels: int, latent_length: int, block_out_channels: Sequence[int] = (32, 64, 128, 256), layers_per_block: int = 1, norm_num_groups: int = 8) -> UNet1DModel:

@@ -13,11 +13,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import UNet1DModel
 
 from .. import hub
 from ..io import read_json
-from ..models import ParameterAutoencoder, TargetNetwork
+from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
 from ..params import LayoutMismatchError
 
 
@@ -32,7 +31,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 # call arbitrary installed code on behalf of the repository.
 ALLOWED_CLASSES = {
     "autoencoder": {("pdiff.models.autoencoder", "ParameterAutoencoder"), ("pdiff.models", "ParameterAutoencoder")},
-    "unet": {("diffusers", "UNet1DModel")},
+    "unet": {("pdiff.models.unet", "UNet1DModel"), ("diffusers", "UNet1DModel")},  # the second: generators saved by earlier pdiff versions
     "target": {("pdiff.models.target", "TargetNetwork"), ("pdiff.models", "TargetNetwork")},
 }
 

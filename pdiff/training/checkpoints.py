@@ -16,11 +16,11 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import UNet1DModel
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 
 from ..config import ConfigError, flatten, to_dict
+from ..models import UNet1DModel
 from ..io import read_json, write_json
 
 logger = get_logger(__name__)

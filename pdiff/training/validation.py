@@ -13,11 +13,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
-from diffusers import DDPMScheduler, UNet1DModel
+from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ..evaluation.scoring import evaluate_vectors
-from ..models import ParameterAutoencoder, TargetNetwork
+from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
 from ..pipelines import PDiffPipeline, sampler_scheduler
 from ..tasks import Task
 
