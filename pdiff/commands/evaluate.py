@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import sys
     from pathlib import Path
 
     from ..data import ParameterDataset
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
     check_writable(out)
     device = resolve_device(args.device)
+    if Path(args.generated).is_file():
+        print(f"note: {args.generated} is a bare tensor and names no network; pdiff checks its shape only. Make sure it was "
+              f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
     originals = ParameterDataset.from_pretrained(args.dataset)
     generated = load_generated(args.generated, originals)
     report, paths = evaluate_and_write(
