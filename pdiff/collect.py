@@ -40,6 +40,7 @@ from pdiff.data import ParameterDataset
 from pdiff.evaluation.scoring import evaluate_vectors
 from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
+from pdiff.runtime import ThreadPolicy
 from pdiff.tasks import Task
 from pdiff.tasks.data import Split
 
@@ -131,6 +132,7 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
     """Run stage 1 for a composed config; returns the saved dataset on the main process, None elsewhere."""
     accelerator = accelerator or Accelerator(cpu=bool(cfg.cpu))
     check_request(cfg, accelerator)
+    ThreadPolicy()
     lock = output_lock(Path(cfg.dataset_dir).parent, "collect") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
         started = time.perf_counter()

@@ -29,6 +29,9 @@ COMMANDS = {
     "sweep": "run a W&B sweep file: print the W&B commands, or run trials here with --local",
 }
 
+# Commands that compute in this process with torch (train and collect set their own thread policy).
+NUMERIC = {"sample", "evaluate", "bench"}
+
 # What a command may raise for bad input: reported as one line, exit status 2, no traceback.
 BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -60,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     try:
+        if args.command in NUMERIC:
+            from ..runtime import ThreadPolicy
+
+            ThreadPolicy()  # the CPU threads nobody else uses (OMP_NUM_THREADS, when set, wins)
         args.run(args)
     except KeyboardInterrupt:
         print(f"pdiff {args.command}: interrupted" + _resume_hint(args), file=sys.stderr)

@@ -22,6 +22,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ..runtime import ThreadPolicy
 from .checkpoints import checkpoint_root, complete_checkpoints, save_checkpoint
 from .losses import step_generator
 
@@ -58,6 +59,7 @@ class TrainingRun:
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", disable=not self.accelerator.is_main_process)
         self._last_log = (time.perf_counter(), self.state.step)
         self._pending: tuple[str, dict] = ("ae", {})
+        self.threads = ThreadPolicy()  # the CPU threads nobody else uses, checked again as the run goes
 
     @property
     def global_batch(self) -> int:
@@ -98,6 +100,7 @@ class TrainingRun:
     def end_step(self) -> None:
         """Log the step (every train.log_every) and checkpoint it (every train.checkpointing_steps)."""
         (phase, logs), step, t = self._pending, self.state.step, self.cfg.train
+        self.threads.update()
         if step % int(t.log_every) == 0 or step == self.total_steps:
             now = time.perf_counter()
             steps_per_s = (step - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
