@@ -1,4 +1,5 @@
-"""Timing every stage of the method on one task, as JSON (`pdiff bench`).
+"""Timing every stage of the method on one task, as JSON (`pdiff bench`); also training throughput when
+several runs share the machine (`pdiff bench --concurrent N`).
 
 Speed and memory are measured here, never asserted in tests. Peak memory is the process's resident
 set (and the CUDA allocator's peak on a GPU) at the end of each phase.
@@ -6,9 +7,12 @@ set (and the CUDA allocator's peak on a GPU) at the end of each phase.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -139,11 +143,47 @@ def outcome(report: Report) -> dict[str, Any]:
     }
 
 
+def bench_concurrent(task: str, overrides: Sequence[str], workdir: Path, processes: int) -> dict[str, Any]:
+    """Training throughput of one run alone, then of `processes` runs at once on the same machine.
+
+    The runs are separate `pdiff train` processes on one parameter dataset, with the thread policy of
+    `pdiff.runtime` (or OMP_NUM_THREADS, when set). `aggregate_ratio` is the summed steps/s of the
+    concurrent runs over the solo run's: 1.0 means sharing the machine costs nothing in total.
+    """
+    base = [f"task={task}", "cpu=true", *overrides]
+    dataset = workdir / "params"
+    if not dataset.exists():
+        _fresh_accelerator_state()
+        collect(load_config([*base, f"output_dir={workdir}"]))
+    train = [*base, f"dataset_dir={dataset}", "train.eval_every=0", "train.checkpointing_steps=0", "train.report_to=none"]
+    solo = _train_at_once(train, workdir / "solo", 1)
+    together = _train_at_once(train, workdir / "concurrent", processes)
+    result = {"processes": processes, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "solo": solo[0], "concurrent": together}
+    result["aggregate_ratio"] = {phase: round(sum(r[phase]["steps_per_s"] for r in together) / solo[0][phase]["steps_per_s"], 3) for phase in ("ae", "diffusion")}
+    return result
+
+
+def _train_at_once(overrides: list[str], root: Path, processes: int) -> list[dict]:
+    """Start `processes` trainings together, wait for all; their timings.json."""
+    runs = [subprocess.Popen([sys.executable, "-m", "pdiff", "train", *overrides, f"output_dir={root / f'run-{i}'}", "overwrite=true"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    for run in runs:
+        _, err = run.communicate()
+        if run.returncode:
+            raise RuntimeError(f"a benchmark training run failed: {err.strip().splitlines()[-1] if err.strip() else run.returncode}")
+    return [json.loads((root / f"run-{i}" / "timings.json").read_text()) for i in range(processes)]
+
+
 def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dataset: str | None, device: str, num_models: int, steps: int | None,
-                  workdir: str | None) -> dict[str, Any]:
-    """The JSON `pdiff bench` prints: the whole pipeline on `task`, or sampling + evaluation of `model`."""
+                  workdir: str | None, concurrent: int | None = None) -> dict[str, Any]:
+    """The JSON `pdiff bench` prints: the whole pipeline on `task`, sampling + evaluation of `model`, or
+    (`concurrent`) training throughput alone against several runs at once."""
     device = resolve_device(device)
     result: dict[str, Any] = {"pdiff_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(device)}
+    if concurrent:
+        with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
+            result.update(mode="concurrent", task=task, overrides=list(overrides), **bench_concurrent(task, overrides, Path(workdir or tmp), concurrent))
+        return result
     if model:
         result.update(mode="generator", model=str(model), phases=bench_generator(model, dataset, device, num_models, steps))
         return result

@@ -50,3 +50,15 @@ def test_bench_a_saved_generator(tmp_path, run_cli):
     result = json.loads(proc.stdout)
     assert result["mode"] == "generator" and set(result["phases"]) >= {"load_generator", "sampling_ddim", "sampling_ddpm", "evaluation"}
     assert result["phases"]["sampling_ddim"]["num_models"] == 5
+
+
+def test_bench_concurrent_compares_one_run_with_several(tmp_path, run_cli):
+    proc = run_cli("bench", "--concurrent", "2", "--workdir", str(tmp_path), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["mode"] == "concurrent" and result["processes"] == 2 and len(result["concurrent"]) == 2
+    solo = result["solo"]
+    for phase in ("ae", "diffusion"):
+        total = sum(run[phase]["steps_per_s"] for run in result["concurrent"])
+        assert result["aggregate_ratio"][phase] == pytest.approx(total / solo[phase]["steps_per_s"], rel=1e-2)
+        assert all(run[phase]["steps"] == 8 for run in [solo, *result["concurrent"]])
