@@ -220,5 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"saved {cfg.dataset_dir}\n{summarize(dataset)}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch pdiff/collect.py`: bad input is one line here too, not a traceback per rank
+    from pdiff.commands import report_failures
+
+    sys.exit(report_failures("collect", main))

@@ -30,7 +30,7 @@ def looks_like_path(name: str) -> bool:
 def download(repo_id: str, *, repo_type: str, allow_patterns: list[str], revision: str | None = None, **hub_kwargs: Any) -> Path:
     """`snapshot_download` of a repo (or its cached snapshot); every failure is one FileNotFoundError saying why."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
     what = "generator" if repo_type == "model" else "parameter dataset"

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,20 +86,30 @@ def remove_stale_partials(path: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a file atomically: readers see the old content or the new, never half of it."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write to; on success it replaces `path`, on error it is removed.
+
+    Readers see the old content or the new, never half of it. The name is private to this process and
+    call, so several processes (ranks) may write the same file at once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         with friendly_os_errors(path):
-            with open(tmp, "w") as f:  # open() keeps the umask's file mode
-                f.write(text)
+            yield tmp
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        with open(tmp, "w") as f:  # open() keeps the umask's file mode
+            f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

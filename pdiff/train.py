@@ -286,5 +286,7 @@ def save_generator(pipe: PDiffPipeline, path: Path, report: Report | None = None
         pipe.save_pretrained(tmp, report=report, plots=plots)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch pdiff/train.py`: bad input is one line here too, not a traceback per rank
+    from pdiff.commands import report_failures
+
+    sys.exit(report_failures("train", main))

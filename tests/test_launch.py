@@ -332,3 +332,23 @@ def test_sweep_local_goes_through_pdiff_sweep():
     assert cmd == ["pdiff", "sweep", "configs/sweeps/noise_grid.yaml", "--local", "--count", "2", "--dry-run", "train.ae_steps=3"]
     trials = [line for line in proc.stdout.splitlines() if line.startswith("[noise_grid")]
     assert len(trials) == 2 and all("accelerate launch pdiff/train.py" in t and "train.ae_steps=3" in t for t in trials)
+
+
+def test_common_helpers_quote_dry_run_and_fail_clearly(tmp_path):
+    """launch/common.sh, sourced as the launchers do: commands print shell-quoted and do not run in a dry
+    run, the GPU count honours NUM_GPUS, and `die` exits 2 naming the launcher."""
+    marker = tmp_path / "ran"
+    script = f"""
+source {LAUNCH / 'common.sh'}
+DRY_RUN=1 run touch "{marker}" "a b"
+DRY_RUN=0 run true
+NUM_GPUS=3 count_gpus
+is_uint 12 && echo uint-yes
+is_uint -1 || echo uint-no
+die "bad thing"
+echo never
+"""
+    proc = subprocess.run(["bash", "-c", script, "mylauncher"], capture_output=True, text=True, timeout=30)
+    assert proc.stdout.splitlines() == [f"+ touch {marker} a\\ b", "+ true", "3", "uint-yes", "uint-no"]
+    assert not marker.exists()  # the dry run printed the command only
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: bad thing")

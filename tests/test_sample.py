@@ -112,3 +112,20 @@ def test_evaluate_with_the_original_dataset_writes_the_full_report(generator, di
     assert "verdict:" in printed and "weight average" in printed
     report = json.loads((tmp_path / "gen-report" / "report.json").read_text())
     assert report["generated"]["count"] == 4 and report["originals"]["count"] == 24
+
+
+def test_every_command_that_evaluates_refuses_another_base_network(generator, dataset, digits_params, tmp_path, capsys):
+    """A generator's networks scored against a parameter dataset of other frozen weights would report
+    nonsense accuracies; `sample --evaluate --dataset` and `evaluate` (dataset or networks folder) refuse."""
+    _, folder = generator
+    other = tmp_path / "other-params"
+    ParameterDataset(dataset.rows, dataset.layout, dataset.task_config, {k: v + 1 for k, v in dataset.base_state.items()}, dataset.info).save_to_disk(other)
+    assert cli(["sample", "--model", str(folder), "--num-models", "2", "--steps", "2", "--out", str(tmp_path / "s"), "--evaluate", "--dataset", str(other)]) == 2
+    assert "different frozen base weights" in capsys.readouterr().err and not (tmp_path / "s").exists()  # refused before sampling
+    nets = tmp_path / "nets"
+    assert cli(["sample", "--model", str(folder), "--num-models", "2", "--steps", "2", "--out", str(nets)]) == 0
+    assert cli(["evaluate", "--dataset", str(other), "--generated", str(nets), "--out", str(tmp_path / "e")]) == 2
+    assert "other frozen base weights" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    # against its own dataset, the networks folder of `pdiff sample` evaluates as it is
+    assert cli(["evaluate", "--dataset", str(digits_params), "--generated", str(nets), "--out", str(tmp_path / "ok"), "--no-plots"]) == 0
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["generated"]["count"] == 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 COMMANDS = {
     "collect": "train a network and collect K checkpoints of its chosen parameters",
@@ -33,7 +33,7 @@ COMMANDS = {
 NUMERIC = {"sample", "evaluate", "bench"}
 
 # What a command may raise for bad input: reported as one line, exit status 2, no traceback.
-BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+BAD_INPUT = (ValueError, ArithmeticError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -62,21 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
-    try:
-        if args.command in NUMERIC:
-            from ..runtime import ThreadPolicy
+    if args.command in NUMERIC:
+        from ..runtime import ThreadPolicy
 
-            ThreadPolicy()  # the CPU threads nobody else uses (OMP_NUM_THREADS, when set, wins)
-        args.run(args)
+        ThreadPolicy()  # the CPU threads nobody else uses (OMP_NUM_THREADS, when set, wins)
+    return report_failures(args.command, lambda: args.run(args))
+
+
+def report_failures(command: str, work: Callable[[], object]) -> int:
+    """Run `work`; bad input, a full disk or Ctrl-C become one line on stderr and an exit status, not a traceback."""
+    try:
+        work()
     except KeyboardInterrupt:
-        print(f"pdiff {args.command}: interrupted" + _resume_hint(args), file=sys.stderr)
+        print(f"pdiff {command}: interrupted" + _resume_hint(command), file=sys.stderr)
         return 130
-    except BAD_INPUT as err:
-        # Bad input: say what is wrong and how to fix it, without a traceback to dig through.
-        print(f"pdiff {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a read-only folder: the path and the reason, not a traceback
-        print(f"pdiff {args.command}: error: {_one_line(err)}", file=sys.stderr)
+    except (*BAD_INPUT, OSError) as err:  # OSError: a full disk, a read-only folder, a busy output folder
+        print(f"pdiff {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 
@@ -85,9 +86,9 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _resume_hint(args) -> str:
-    if args.command == "train":
+def _resume_hint(command: str) -> str:
+    if command == "train":
         return "; continue with the same command plus train.resume_from_checkpoint=latest"
-    if args.command in ("collect", "sample", "evaluate"):
+    if command in ("collect", "sample", "evaluate"):
         return "; nothing was written under the output name, run the command again"
     return ""

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> None:
         check_output_dir(report_dir, args.overwrite, "report", flag="--overwrite")
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision)
+    originals = against_originals(pipe, args.dataset) if args.evaluate and args.dataset else None
     params = pipe(num_models=args.num_models, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)).params
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
@@ -62,19 +63,27 @@ def run(args: argparse.Namespace) -> None:
     else:
         write_networks(pipe, params, out, args.overwrite)
     print(f"sampled {len(params)} networks in {seconds:.2f} s -> {out}")
-    if args.evaluate and args.dataset:
-        report_against_originals(generated, args, report_dir)
+    if originals is not None:
+        report_against_originals(originals, generated, args, report_dir)
     elif args.evaluate:
         print_accuracy(generated)
 
 
-def report_against_originals(generated: "ParameterDataset", args: argparse.Namespace, report_dir: Path) -> None:
-    """The full report (baselines, novelty), when the original parameter dataset is given."""
+def against_originals(pipe, dataset: str) -> "ParameterDataset":
+    """The original parameter dataset, refused now if the generator's network is not the one it holds."""
     from ..data import ParameterDataset
+    from ..evaluation.inputs import check_base_network
+
+    originals = ParameterDataset.from_pretrained(dataset)
+    check_base_network(originals, pipe.layout, pipe.target.net.state_dict(), f"the generator {pipe.name_or_path or ''}".strip())
+    return originals
+
+
+def report_against_originals(originals: "ParameterDataset", generated: "ParameterDataset", args: argparse.Namespace, report_dir: Path) -> None:
+    """The full report (baselines, novelty), when the original parameter dataset is given."""
     from ..evaluation import evaluate_and_write
     from ..evaluation.render import format_summary
 
-    originals = ParameterDataset.from_pretrained(args.dataset)
     report, paths = evaluate_and_write(originals, generated, report_dir, seed=args.seed, device=args.device)
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

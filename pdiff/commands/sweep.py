@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .overrides import add_overrides
-
 from ..sweeps.files import DEFAULT_METRICS_FILE
+from .overrides import add_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

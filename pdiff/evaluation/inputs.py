@@ -38,12 +38,17 @@ def as_vectors(generated: torch.Tensor | ParameterDataset, originals: ParameterD
 
 def check_same_network(originals: ParameterDataset, other: ParameterDataset) -> None:
     """Raise unless `other` holds vectors for the same layout and the same frozen base weights."""
-    if other.layout != originals.layout:
-        raise ValueError(f"the generated parameters have layout {other.layout} ({other.layout.names}), the originals {originals.layout} ({originals.layout.names})")
+    check_base_network(originals, other.layout, other.base_state, "the generated parameter dataset")
+
+
+def check_base_network(originals: ParameterDataset, layout, base_state, what: str) -> None:
+    """Raise unless `layout` and `base_state` (of a generator or a dataset) are the originals' own."""
+    if layout != originals.layout:
+        raise ValueError(f"{what} has layout {layout} ({layout.names}), the originals {originals.layout} ({originals.layout.names})")
     keys = set(originals.base_state)
-    if set(other.base_state) != keys or any(not torch.equal(originals.base_state[k], other.base_state[k]) for k in keys):
+    if set(base_state) != keys or any(not torch.equal(originals.base_state[k], base_state[k].cpu()) for k in keys):
         raise ValueError(
-            "the generated parameter dataset was built on different frozen base weights than the originals "
+            f"{what} was built on different frozen base weights than the originals "
             "(e.g. collected with another seed), so its vectors do not belong to the originals' network"
         )
 

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only: no display, safe in worker processes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..io import atomic_file  # noqa: E402
 from .report import NetworkSet, Report  # noqa: E402
 
 PLOT_FILES = {"accuracy_distributions": "accuracy_distributions.png", "accuracy_vs_novelty": "accuracy_vs_novelty.png"}
@@ -98,13 +99,11 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_file(path) as tmp:  # a reader never sees a half-written image
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees a half-written image
-    return path
+    return Path(path)
 
 
 def plot_report(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from ..data import ParameterDataset
+from ..io import write_json
 from ..tasks import Task
 from .baselines import DEFAULT_NOISE_SCALES, noisy_copies, weight_average
 from .inputs import as_vectors
@@ -276,18 +276,7 @@ class Report:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write `out_dir/report.json` atomically: a reader never sees half a report."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / REPORT_FILE
-        tmp = out / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"  # open() keeps the umask's mode
-        try:
-            with open(tmp, "x") as f:
-                json.dump(self.to_dict(), f, indent=2, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_json(Path(out_dir) / REPORT_FILE, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:

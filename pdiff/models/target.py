@@ -16,8 +16,8 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers
 from torch import nn
 
 from ..params import ParameterLayout
-from .safetensors_only import SafetensorsOnly
 from ..tasks.networks import build_network
+from .safetensors_only import SafetensorsOnly
 
 
 class TargetNetwork(SafetensorsOnly, ModelMixin, ConfigMixin):

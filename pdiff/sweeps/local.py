@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..config import load_config
+from ..io import write_text
 from .files import (
     DEFAULT_METRICS_FILE,
     SWEEPS_INSTALL_HINT,
@@ -137,10 +138,7 @@ def _load_state(path: Path, config: dict[str, Any]) -> list[Trial]:
 
 
 def _save_state(path: Path, config: dict[str, Any], trials: list[Trial]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": _plain(config), "trials": [asdict(t) for t in trials]}, indent=2))
-    tmp.replace(path)
+    write_text(path, json.dumps({"config": _plain(config), "trials": [asdict(t) for t in trials]}, indent=2))
 
 
 def trial_environment(run_id: str, run_args: dict[str, Any], group: str, base: dict[str, str] | None = None) -> dict[str, str]:

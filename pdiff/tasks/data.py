@@ -11,13 +11,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..io import atomic_file
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path(os.environ.get("PDIFF_DATA_DIR", Path.home() / ".cache" / "pdiff" / "data"))
@@ -136,16 +137,9 @@ def _stage_debian_fashion_mnist(root: Path) -> None:
     for n in names:
         src = DEBIAN_FASHION_MNIST / f"{n}.gz"
         if src.exists() and not (raw / n).exists():
-            # A private temporary name per process: under `accelerate launch` every rank stages at once.
-            fd, tmp = tempfile.mkstemp(prefix=f".{n}.", suffix=".partial", dir=raw)
-            os.fchmod(fd, 0o644)  # mkstemp makes it private; the data is not
-            try:
-                with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
-                os.replace(tmp, raw / n)  # a half-unpacked file never carries the real name
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # Under `accelerate launch` every rank stages at once: each writes its own temporary file.
+            with atomic_file(raw / n) as tmp, gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
 
 
 def _missing_data_message(name: str, root: Path) -> str:

@@ -20,8 +20,8 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 
 from ..config import ConfigError, flatten, to_dict
-from ..models import UNet1DModel
 from ..io import read_json, write_json
+from ..models import UNet1DModel
 
 logger = get_logger(__name__)
 

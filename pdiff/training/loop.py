@@ -22,12 +22,13 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ..io import write_text
 from ..runtime import ThreadPolicy
 from .checkpoints import checkpoint_root, complete_checkpoints, save_checkpoint
 from .losses import step_generator
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or Inf."""
 
 
@@ -133,9 +134,7 @@ class TrainingRun:
         if not (self.accelerator.is_main_process and self.metrics_path.exists()):
             return
         rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.partial")
-        tmp.write_text("".join(row + "\n" for row in rows))
-        tmp.replace(self.metrics_path)
+        write_text(self.metrics_path, "".join(row + "\n" for row in rows))
 
     def summary(self) -> dict:
         """Throughput of each phase this run trained (resumed steps count from the resumption)."""
