@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
     check_writable(out)
     device = resolve_device(args.device)
+    originals = ParameterDataset.from_pretrained(args.dataset)
+    generated = load_generated(args.generated, originals)
     if Path(args.generated).is_file():
         print(f"note: {args.generated} is a bare tensor and names no network; pdiff checks its shape only. Make sure it was "
               f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
-    originals = ParameterDataset.from_pretrained(args.dataset)
-    generated = load_generated(args.generated, originals)
     report, paths = evaluate_and_write(
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
         noise_scales=DEFAULT_NOISE_SCALES if args.noise_scales is None else args.noise_scales, noise_mode=args.noise_mode,
