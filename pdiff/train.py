@@ -84,10 +84,7 @@ def train(cfg: DictConfig, accelerator: Accelerator, dataset: ParameterDataset, 
     ema = make_ema(unet, cfg, accelerator)
     ae, unet, opt_ae, opt_unet, lr_ae, lr_unet = accelerator.prepare(ae, unet, opt_ae, opt_unet, lr_ae, lr_unet)
 
-    state = TrainingState()
-    if resume_path is not None:
-        state = TrainingState(**load_checkpoint(accelerator, resume_path))
-        logger.info(f"resumed from {resume_path} at step {state.step}", main_process_only=True)
+    state = TrainingState(**load_checkpoint(accelerator, resume_path)) if resume_path else TrainingState()
     run = TrainingRun(accelerator, cfg, total_steps=ae_steps + diffusion_steps, state=state)
     run.drop_metrics_after(state.step)
     start_logging(cfg, accelerator)
@@ -95,14 +92,16 @@ def train(cfg: DictConfig, accelerator: Accelerator, dataset: ParameterDataset, 
 
     # -- the autoencoder -----------------------------------------------------------------------
     normalized = accelerator.unwrap_model(ae).normalize(vectors)  # what the autoencoder reconstructs
+    trains_autoencoder_now = run.state.step < ae_steps or resume_path is None
     while run.state.step < ae_steps:
         run.optimizer_step(ae, opt_ae, lr_ae, lambda g: autoencoder_loss(ae, normalized[draw_batch(g, len(dataset), cfg)], g), phase="ae")
         run.end_step()
 
     # -- encode the dataset once ---------------------------------------------------------------
     latents = encode_dataset(accelerator.unwrap_model(ae), vectors, fix_scale=ae_steps > 0)
-    if accelerator.is_main_process and run.state.step == ae_steps:  # not again when resumed past this point
-        run.log(reconstruction_logs(accelerator.unwrap_model(ae), vectors, latents, dataset.column("val_accuracy"), task, target, device))
+    if accelerator.is_main_process and run.state.step == ae_steps:  # a run resumed in the diffusion phase has done this
+        if trains_autoencoder_now:  # (resumed exactly at the phase boundary, its metrics row exists already)
+            run.log(reconstruction_logs(accelerator.unwrap_model(ae), vectors, latents, dataset.column("val_accuracy"), task, target, device))
         if ae_steps:
             save_autoencoder(accelerator.unwrap_model(ae), Path(cfg.output_dir) / "autoencoder")
     accelerator.wait_for_everyone()

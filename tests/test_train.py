@@ -215,16 +215,19 @@ def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
         run_train(tmp_path / "nothing", digits_params, "train.phase=diffusion")
 
 
-def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, digits_params):
-    """A run killed after logging step 12 but before its last checkpoint, resumed from the latest one:
-    metrics.jsonl holds each step once, as the uninterrupted run's does, and the same generator is selected."""
+@pytest.mark.parametrize("resume_at", [6, 9])  # at the autoencoder/diffusion boundary, inside diffusion
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, digits_params, resume_at):
+    """A run killed after logging step 12 but before the checkpoints after `resume_at` were written, resumed
+    from the latest one: metrics.jsonl holds each row once, as the uninterrupted run's does, and the same
+    generator is selected."""
     import shutil
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    settings = ["train.eval_every=2", "train.checkpoints_total_limit=null"]
+    settings = ["train.eval_every=2", "train.checkpoints_total_limit=null", "train.checkpointing_steps=3"]
     reference = run_train(full, digits_params, *settings)
     shutil.copytree(full, killed)
-    for name in ("checkpoints/checkpoint-12", "generator", "report", "timings.json"):
+    later = [f"checkpoints/checkpoint-{s}" for s in range(resume_at + 3, 13, 3)]
+    for name in (*later, "generator", "report", "timings.json"):
         shutil.rmtree(killed / name) if (killed / name).is_dir() else (killed / name).unlink()
     reset_accelerator_state()
     resumed = run_train(killed, digits_params, *settings, "train.resume_from_checkpoint=latest")

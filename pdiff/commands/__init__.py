@@ -32,8 +32,9 @@ COMMANDS = {
 # Commands that compute in this process with torch (train and collect set their own thread policy).
 NUMERIC = {"sample", "evaluate", "bench"}
 
-# What a command may raise for bad input: reported as one line, exit status 2, no traceback.
-BAD_INPUT = (ValueError, ArithmeticError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# What a command may raise for bad input (a key, a value, a file) or a machine that cannot take the output
+# (a full disk, a read-only or busy folder): reported as one line, exit status 2, no traceback.
+BAD_INPUT = (ValueError, ArithmeticError, OSError)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def report_failures(command: str, work: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"pdiff {command}: interrupted" + _resume_hint(command), file=sys.stderr)
         return 130
-    except (*BAD_INPUT, OSError) as err:  # OSError: a full disk, a read-only folder, a busy output folder
+    except BAD_INPUT as err:
         print(f"pdiff {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0

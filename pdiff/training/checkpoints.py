@@ -83,6 +83,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     except pickle.UnpicklingError as err:  # accelerate reads optimizer/scheduler state with torch.load(weights_only=True)
         raise ConfigError(f"{path} holds a file that is not plain tensor state (refused to unpickle it: {str(err).splitlines()[0]}); resume from another checkpoint") from err
     saved = read_json(path / STATE_FILE)
+    logger.info(f"resumed from {path} at step {saved['step']}", main_process_only=True)
     return saved.get("state", {"step": saved["step"]})
 
 
