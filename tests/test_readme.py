@@ -89,17 +89,12 @@ def test_readme_launcher_commands_dry_run(script):
 
 
 def test_first_setup_command_runs(tmp_path, run_cli):
-    """collect -> train -> sample --evaluate exactly as the README chains them, on a tiny budget."""
-    setup = next(b for b in BLOCKS if "pdiff collect" in b and "pip install" in b)
+    """The set-up command's pipeline exactly as the README gives it, on a tiny budget: `pdiff run`."""
+    setup = next(b for b in BLOCKS if "pip install -e . &&" in b and "pytest" not in b)
     steps = [argv for argv in commands() if argv and argv[0] == ".venv/bin/pdiff" and " ".join(argv) in setup.replace("\n", " ")]
-    assert [s[1] for s in steps] == ["collect", "train", "sample"]
-    for argv in steps:
-        cmd = argv[1:]
-        if cmd[0] in ("collect", "train"):
-            cmd += TINY + ["cpu=true"]
-        else:
-            cmd += ["--steps", "4", "--device", "cpu"]
-        proc = run_cli(*cmd, cwd=tmp_path)
-        assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
-    assert (tmp_path / "outputs" / "digits" / "generator" / "model_index.json").exists()
-    assert "accuracy" in proc.stdout and (tmp_path / "outputs" / "digits" / "samples" / "pdiff_dataset.json").exists()
+    assert [s[1:] for s in steps] == [["run"]]
+    proc = run_cli("run", "--num-models", "4", *TINY, "cpu=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "outputs" / "digits"
+    assert (out / "generator" / "model_index.json").exists() and (out / "samples" / "pdiff_dataset.json").exists()
+    assert "verdict:" in proc.stdout and (out / "eval" / "report.json").exists()

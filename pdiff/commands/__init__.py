@@ -1,5 +1,6 @@
 """`pdiff <command>`: one module per command, each owning its arguments and a `run(args)`.
 
+    pdiff run task=digits                           # every stage below, resumable: run it again after a stop
     pdiff collect task=digits task.param.k=200      # stage 1 (Hydra overrides)
     pdiff train task=digits                         # stage 2 in this process (`accelerate launch pdiff/train.py` for many)
     pdiff config task=fashion_mnist                 # print the composed config
@@ -20,6 +21,7 @@ import sys
 from typing import Callable, Sequence
 
 COMMANDS = {
+    "run": "the whole method, collect -> train -> sample -> evaluate; run it again to continue where it stopped",
     "collect": "train a network and collect K checkpoints of its chosen parameters",
     "train": "train the generator (autoencoder + latent diffusion) in this process",
     "config": "print the composed config for the given overrides",
@@ -90,6 +92,8 @@ def _one_line(err: BaseException) -> str:
 def _resume_hint(command: str) -> str:
     if command == "train":
         return "; continue with the same command plus train.resume_from_checkpoint=latest"
+    if command == "run":
+        return "; run the same command again to continue where it stopped"
     if command in ("collect", "sample", "evaluate"):
         return "; nothing was written under the output name, run the command again"
     return ""
