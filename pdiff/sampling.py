@@ -7,6 +7,7 @@ validation and test splits, so generated sets can be evaluated, compared or trai
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,3 +60,46 @@ def write_networks(pipe: PDiffPipeline, params: torch.Tensor, out: Path, overwri
         target = pipe.target.config
         write_json(tmp / NETWORKS_FILE, {"layout": pipe.layout.to_dict(), "task": target.task, "network": target.network,
                                          "in_channels": target.in_channels, "num_classes": target.num_classes})
+
+
+CHUNK = 1024  # networks per denoising chain: bounds the UNet's activations, whatever --num-models is
+
+
+def sample_networks(pipe: PDiffPipeline, num_models: int, num_inference_steps: int | None, seed: int) -> torch.Tensor:
+    """`num_models` parameter vectors, in chains of at most CHUNK networks; chain i is seeded with seed + i,
+    so up to CHUNK networks are exactly `pipe(num_models, generator=manual_seed(seed))`."""
+    parts = [pipe(num_models=min(CHUNK, num_models - lo), num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + i)).params
+             for i, lo in enumerate(range(0, num_models, CHUNK))]
+    return torch.cat(parts)
+
+
+def check_sample_fits(pipe: PDiffPipeline, num_models: int, out: Path, per_network_files: bool) -> None:
+    """Refuse now, with the numbers, a sample whose parameters cannot fit in memory or its files on disk."""
+    memory = num_models * pipe.layout.dim * 4 * 2  # the vectors, and one copy on the way out
+    free = _available_memory()
+    if free is not None and memory > 0.8 * free:
+        fit = int(0.8 * free // (pipe.layout.dim * 4 * 2))
+        raise ValueError(f"--num-models {num_models}: their parameters alone need {memory / 1e9:.3g} GB and {free / 1e9:.3g} GB of memory "
+                         f"are free here; at most about {fit} fit. Sample in several runs with different --seed")
+    per_network = sum(t.numel() * t.element_size() for t in pipe.target.net.state_dict().values()) if per_network_files else pipe.layout.dim * 4
+    disk, free_disk = num_models * per_network, shutil.disk_usage(_existing_parent(out)).free
+    if disk > free_disk:
+        raise ValueError(f"--num-models {num_models}: the files would take {disk / 1e9:.3g} GB and {_existing_parent(out)} has "
+                         f"{free_disk / 1e9:.3g} GB free; at most about {free_disk // per_network} fit")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path

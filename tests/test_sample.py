@@ -129,3 +129,18 @@ def test_every_command_that_evaluates_refuses_another_base_network(generator, da
     # against its own dataset, the networks folder of `pdiff sample` evaluates as it is
     assert cli(["evaluate", "--dataset", str(digits_params), "--generated", str(nets), "--out", str(tmp_path / "ok"), "--no-plots"]) == 0
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["generated"]["count"] == 2
+
+
+def test_a_sample_too_large_for_this_machine_is_refused_with_the_numbers(generator, tmp_path, capsys, monkeypatch):
+    import pdiff.sampling
+
+    _, folder = generator
+    assert cli(["sample", "--model", str(folder), "--num-models", str(10**12), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--num-models 1000000000000: their parameters alone need" in err and "at most about" in err and not (tmp_path / "s").exists()
+    # Chains are cut at CHUNK networks: chain i is seeded with seed + i, the first is the plain call.
+    monkeypatch.setattr(pdiff.sampling, "CHUNK", 3)
+    pipe, _ = generator
+    chunked = pdiff.sampling.sample_networks(pipe, 7, 2, seed=5)
+    assert chunked.shape == (7, pipe.layout.dim)
+    assert torch.equal(chunked[:3], sample(pipe, seed=5, num_models=3, steps=2)) and torch.equal(chunked[3:6], sample(pipe, seed=6, num_models=3, steps=2))

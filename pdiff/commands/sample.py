@@ -41,10 +41,8 @@ def positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from ..io import check_output_dir
-    from ..sampling import generated_dataset, load_generator, task_of, write_networks
+    from ..sampling import check_sample_fits, generated_dataset, load_generator, sample_networks, task_of, write_networks
 
     out = Path(args.out)
     check_output_dir(out, args.overwrite, "sample", flag="--overwrite")  # refuse before any work
@@ -54,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision)
     originals = against_originals(pipe, args.dataset) if args.evaluate and args.dataset else None
-    params = pipe(num_models=args.num_models, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)).params
+    check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
+    params = sample_networks(pipe, args.num_models, args.steps, args.seed)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
         generated = generated_dataset(pipe, params, args.seed, task_of(pipe))
