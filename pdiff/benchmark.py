@@ -28,8 +28,8 @@ from .collect import collect
 from .config import load_config
 from .data import ParameterDataset
 from .evaluation import Report, evaluate_generated
-from .evaluation.scoring import benchmark_evaluation
-from .pipelines import sampler_scheduler
+from .evaluation.scoring import benchmark_evaluation, evaluate_network, evaluate_vectors
+from .pipelines import PDiffPipeline, sampler_scheduler
 from .runtime import resolve_device
 from .sampling import load_generator, task_of
 from .train import main as train_main
@@ -76,7 +76,8 @@ def _fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
+def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: torch.device, num_models: int, steps: int | None,
+                   reference: int | None = None) -> dict[str, Any]:
     """Run all four stages on `task` in `workdir`; return the per-phase figures and the outcome."""
 
     cpu = ["cpu=true"] if device.type == "cpu" else []
@@ -99,16 +100,20 @@ def bench_pipeline(task: str, overrides: Sequence[str], workdir: Path, device: t
     phases["train_total"] = {"seconds": training["seconds"], "final_evaluation_seconds": training.get("final_evaluation_seconds"), "mixed_precision": training.get("mixed_precision")}
 
     generator = workdir / "generator"
-    phases.update(bench_generator(generator, workdir / "params", device, num_models, steps))
+    phases.update(bench_generator(generator, workdir / "params", device, num_models, steps, reference))
     return {"phases": phases, "outcome": outcome(report)}
 
 
-def bench_generator(model: str | Path, dataset_path: str | Path | None, device: torch.device, num_models: int, steps: int | None) -> dict[str, Any]:
-    """Sampling and evaluation of `num_models` networks from a saved generator."""
-
+def bench_generator(model: str | Path, dataset_path: str | Path | None, device: torch.device, num_models: int, steps: int | None,
+                    reference: int | None = None) -> dict[str, Any]:
+    """Sampling and evaluation of `num_models` networks from a saved generator (and, with `reference`, the
+    original procedure timed on that many networks)."""
     phases: dict[str, Any] = {}
     with phase(phases, "load_generator", device):
         pipe = load_generator(str(model), device=str(device))
+    if reference:
+        with phase(phases, "reference_procedure", device) as entry:
+            entry.update(bench_reference(pipe, task_of(pipe), device, num_models, reference))
     for sampler, n_steps in (("ddim", steps), ("ddpm", pipe.scheduler.config.num_train_timesteps)):
         with phase(phases, f"sampling_{sampler}", device) as entry:
             pipe.scheduler = sampler_scheduler(sampler, pipe.scheduler.config)
@@ -126,6 +131,43 @@ def bench_generator(model: str | Path, dataset_path: str | Path | None, device: 
     with phase(phases, "evaluation_batched_vs_one_by_one", device) as entry:
         entry.update(benchmark_evaluation(originals, params, "test", device=device, max_one_by_one=min(20, num_models)))
     return phases
+
+
+def bench_reference(pipe, task, device: torch.device, num_models: int, reference_models: int) -> dict[str, Any]:
+    """pdiff's way against the original procedure's, same generator, same run, on the test split.
+
+    pdiff: all `num_models` networks in one chain with the generator's own sampler and steps, then scored
+    together (batched, exact). The reference (the original p-diff code): every network its own batch-1
+    chain of all DDPM training steps, then built and scored alone. The reference is timed on
+    `reference_models` networks and scaled to `num_models` (its cost is linear in the count).
+    """
+    test, layout, base = task.data.test.to(device), pipe.layout, pipe.target.net.state_dict()
+    started = time.perf_counter()
+    params = pipe(num_models=num_models, generator=torch.Generator().manual_seed(0)).params
+    sampled = time.perf_counter()
+    evaluate_vectors(pipe.target.net.to(device), layout, params, test, task.data.prepare, batch_size=task.eval_batch_size)
+    _sync(device)
+    ours = {"networks": num_models, "sampling_seconds": round(sampled - started, 3), "seconds": round(time.perf_counter() - started, 3),
+            "sampler": type(pipe.scheduler).__name__, "steps": len(pipe.scheduler.timesteps)}
+
+    ddpm = PDiffPipeline(autoencoder=pipe.autoencoder, unet=pipe.unet, scheduler=sampler_scheduler("ddpm", pipe.scheduler.config), target=pipe.target)
+    ddpm.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    for i in range(reference_models):
+        vector = ddpm(num_models=1, num_inference_steps=ddpm.scheduler.config.num_train_timesteps, generator=torch.Generator().manual_seed(i)).params[0]
+        net = task.build_network({k: v.cpu() for k, v in base.items()}, layout, vector).to(device)
+        evaluate_network(net, test, task.data.prepare, batch_size=task.eval_batch_size)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    reference = {"networks": reference_models, "seconds": round(seconds, 3), "seconds_per_network": round(seconds / reference_models, 4),
+                 "steps": ddpm.scheduler.config.num_train_timesteps, f"extrapolated_seconds_for_{num_models}": round(seconds / reference_models * num_models, 2)}
+    return {"split": "test", "examples": len(test), "pdiff": ours, "reference": reference,
+            "speedup": round(seconds / reference_models * num_models / ours["seconds"], 1)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def outcome(report: Report) -> dict[str, Any]:
@@ -175,7 +217,7 @@ def _train_at_once(overrides: list[str], root: Path, processes: int) -> list[dic
 
 
 def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dataset: str | None, device: str, num_models: int, steps: int | None,
-                  workdir: str | None, concurrent: int | None = None) -> dict[str, Any]:
+                  workdir: str | None, concurrent: int | None = None, reference: int | None = None) -> dict[str, Any]:
     """The JSON `pdiff bench` prints: the whole pipeline on `task`, sampling + evaluation of `model`, or
     (`concurrent`) training throughput alone against several runs at once."""
     device = resolve_device(device)
@@ -185,9 +227,9 @@ def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dat
             result.update(mode="concurrent", task=task, overrides=list(overrides), **bench_concurrent(task, overrides, Path(workdir or tmp), concurrent))
         return result
     if model:
-        result.update(mode="generator", model=str(model), phases=bench_generator(model, dataset, device, num_models, steps))
+        result.update(mode="generator", model=str(model), phases=bench_generator(model, dataset, device, num_models, steps, reference))
         return result
     result.update(mode="pipeline", task=task, overrides=list(overrides))
     with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
-        result.update(bench_pipeline(task, overrides, Path(workdir or tmp), device, num_models, steps))
+        result.update(bench_pipeline(task, overrides, Path(workdir or tmp), device, num_models, steps, reference))
     return result

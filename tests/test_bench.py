@@ -45,11 +45,17 @@ def test_bench_pipeline_writes_json(tmp_path, run_cli):
 def test_bench_a_saved_generator(tmp_path, run_cli):
     work = tmp_path / "work"
     assert run_cli("bench", "--device", "cpu", "--num-models", "4", "--steps", "2", "--workdir", str(work), *TINY).returncode == 0
-    proc = run_cli("bench", "--model", str(work / "generator"), "--dataset", str(work / "params"), "--num-models", "5", "--steps", "3")
+    proc = run_cli("bench", "--model", str(work / "generator"), "--dataset", str(work / "params"), "--num-models", "5", "--steps", "3", "--reference", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["mode"] == "generator" and set(result["phases"]) >= {"load_generator", "sampling_ddim", "sampling_ddpm", "evaluation"}
+    assert result["mode"] == "generator" and set(result["phases"]) >= {"load_generator", "sampling_ddim", "sampling_ddpm", "evaluation", "reference_procedure"}
     assert result["phases"]["sampling_ddim"]["num_models"] == 5
+    # the original procedure: 2 networks timed one by one (all 20 DDPM steps each), scaled to 5, against pdiff's batched 5
+    ref = result["phases"]["reference_procedure"]
+    assert ref["reference"]["networks"] == 2 and ref["reference"]["steps"] == 20 and ref["pdiff"]["networks"] == 5 and ref["pdiff"]["steps"] == 4
+    scaled = ref["reference"]["extrapolated_seconds_for_5"]
+    assert scaled == pytest.approx(ref["reference"]["seconds"] / 2 * 5, abs=0.02)
+    assert ref["speedup"] == pytest.approx(scaled / ref["pdiff"]["seconds"], rel=0.05)
 
 
 def test_bench_concurrent_compares_one_run_with_several(tmp_path, run_cli):

@@ -4,6 +4,7 @@
     pdiff bench --task fashion_mnist --out bench-fashion.json
     pdiff bench --model outputs/digits/generator --dataset outputs/digits/params --num-models 200
     pdiff bench train.ae_steps=50 train.diffusion_steps=50 task.param.k=20     # a tiny budget
+    pdiff bench --model outputs/digits/generator --reference 10      # against the original procedure, scaled to 200
     pdiff bench --concurrent 4 train.ae_steps=300 train.diffusion_steps=300   # 1 training alone vs 4 at once
 
 Speed and memory are measured here, never asserted in tests. Peak memory is the process's resident
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the generator's own); DDPM always runs every training step")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--reference", type=positive_int, default=None, metavar="N", help="also time the original procedure (batch-1 DDPM chains, one-by-one scoring) on N networks, scaled to --num-models")
     p.add_argument("--concurrent", type=positive_int, default=None, metavar="N", help="measure training alone, then N trainings at once (threads policy under contention)")
     p.add_argument("--workdir", default=None, help="keep the run's dataset and generator here (default: a temporary folder)")
     add_overrides(p)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..io import write_text
 
     result = run_benchmark(args.task, args.overrides, model=args.model, dataset=args.dataset, device=args.device,
-                           num_models=args.num_models, steps=args.steps, workdir=args.workdir, concurrent=args.concurrent)
+                           num_models=args.num_models, steps=args.steps, workdir=args.workdir, concurrent=args.concurrent, reference=args.reference)
     text = json.dumps(result, indent=2)
     if args.out:
         write_text(args.out, text + "\n")
