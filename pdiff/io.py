@@ -24,6 +24,9 @@ PARTIAL_MARK = ".partial-"
 class OutputError(OSError):
     """An output path that cannot be written (exists, read-only, full disk, locked by another run)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output", flag: str = "overwrite=true") -> None:
     """Refuse, before any work is done, to write where something already lives unless told to (`flag`)."""

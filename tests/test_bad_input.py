@@ -224,3 +224,21 @@ def test_collect_refuses_to_save_diverged_checkpoints(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "of 4 checkpoints hold NaN or Inf" in err and "Lower task.param.lr" in err
     assert not (tmp_path / "params").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing: the path and the reason, the half-written file removed."""
+    import errno
+
+    from pdiff.commands import report_failures
+    from pdiff.io import write_text
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "report.json"
+    monkeypatch.setattr("os.replace", full)
+    assert report_failures("evaluate", lambda: write_text(target, "{}")) == 2
+    err = capsys.readouterr().err
+    assert err == f"pdiff evaluate: error: could not write {target}: No space left on device; free space or choose another output folder\n"
+    assert list(tmp_path.iterdir()) == []
