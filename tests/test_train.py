@@ -270,3 +270,23 @@ def test_the_best_generator_so_far_survives_a_resume(tmp_path, digits_params):
     reset_accelerator_state()
     resumed = run_train(tmp_path, digits_params, *settings, "overwrite=true", f"train.resume_from_checkpoint={state_file.parent}")
     assert resumed.selected == {"step": 8, "val_acc_median": 2.0, "selected_on": "validation"}
+
+
+@pytest.mark.parametrize("planted", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_planted_pickle_in_a_checkpoint_is_never_run(tmp_path, digits_params, planted):
+    """accelerate reads checkpoint state with torch.load(weights_only=True): a pickle that would run code is
+    refused (the optimizer's, naming the checkpoint) or skipped (the RNG state, which pdiff does not need)."""
+    from generator_helpers import write_malicious_pickle
+
+    run_train(tmp_path, digits_params)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-8"
+    marker = tmp_path / "PICKLE_WAS_EXECUTED"
+    write_malicious_pickle(checkpoint / planted, marker)
+    reset_accelerator_state()
+    resume = [f"train.resume_from_checkpoint={checkpoint}", "overwrite=true"]
+    if planted == "optimizer.bin":
+        with pytest.raises(ConfigError, match=r"checkpoint-8 holds a file that is not plain tensor state"):
+            run_train(tmp_path, digits_params, *resume)
+    else:
+        run_train(tmp_path, digits_params, *resume)
+    assert not marker.exists()
