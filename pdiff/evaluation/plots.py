@@ -25,7 +25,9 @@ from .report import NetworkSet, Report  # noqa: E402
 
 PLOT_FILES = {"accuracy_distributions": "accuracy_distributions.png", "accuracy_vs_novelty": "accuracy_vs_novelty.png"}
 COLORS = {"originals": "tab:blue", "generated": "tab:red", "weight_average": "black"}
-MARKERS = {"originals": dict(marker="s", zorder=4, edgecolor="black", linewidth=0.5), "generated": dict(marker="D", zorder=3)}
+# Sets often coincide (digits: every network at IoU 1.0 and one accuracy). Small filled originals on top of
+# larger generated diamonds on top of ever larger hollow noise rings keep every set visible where they meet.
+MARKERS = {"originals": dict(marker="s", s=12, zorder=5, edgecolor="black", linewidth=0.5), "generated": dict(marker="D", s=30, zorder=4)}
 NOVELTY_AXES = {"iou": "IoU of test errors with the nearest original (1 = same mistakes)", "l2": "L2 distance to the nearest original"}
 
 
@@ -51,13 +53,14 @@ def plot_accuracy_distributions(report: Report, path: str | os.PathLike) -> Path
         data = [np.asarray(row.networks[f"{split}_accuracy"], dtype=float) for row in rows]
         avg = getattr(report.weight_average, split).mean
         for ax_row, ax in enumerate(axes[:, col]):
-            ax.boxplot(data, showfliers=False, widths=0.5)
-            for i, (row, values, color) in enumerate(zip(rows, data, colors), start=1):
+            shown = len(rows) if ax_row == 0 else 2  # the zoomed row: originals and generated only, no noise whiskers off the axis
+            ax.boxplot(data[:shown], showfliers=False, widths=0.5)
+            for i, (row, values, color) in enumerate(zip(rows[:shown], data, colors), start=1):
                 ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=10, alpha=0.6, color=color, zorder=3)
                 ax.scatter([i], [getattr(row.best_on_val, f"{split}_accuracy")], marker="*", s=140, color=color,
                            edgecolor="black", zorder=4, label="selected on val" if i == 1 else None)
             ax.axhline(avg, color="black", linestyle="--", linewidth=1, label=f"weight average {avg:.4f}")
-            ax.set_xticks(range(1, len(rows) + 1), [row.name for row in rows], rotation=30, ha="right")
+            ax.set_xticks(range(1, shown + 1), [row.name for row in rows[:shown]], rotation=30, ha="right")
             ax.set_ylabel(f"{split} accuracy")
             ax.grid(axis="y", alpha=0.3)
             if ax_row == 0:
@@ -75,18 +78,20 @@ def plot_accuracy_distributions(report: Report, path: str | os.PathLike) -> Path
 def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
     rows = _boxed_sets(report)
     colors = _colors(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    noise_rank = {row.name: i for i, row in enumerate(r for r in rows if r.kind == "noise")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, (measure, xlabel) in zip(axes, NOVELTY_AXES.items()):
         for row, color in zip(rows, colors):
             x = row.nearest(measure)
             if x is None:
                 continue  # e.g. a single original has no other original to compare with
             shown = "originals (to other originals)" if row.kind == "originals" else row.name
-            ax.scatter(np.asarray(x, dtype=float), np.asarray(row.networks["test_accuracy"], dtype=float), s=16, alpha=0.75, color=color,
-                       label=shown, **MARKERS.get(row.kind, dict(marker="o", zorder=2)))
+            style = MARKERS.get(row.kind) or dict(marker="o", s=50 + 25 * noise_rank[row.name], facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
+            ax.scatter(np.asarray(x, dtype=float), np.asarray(row.networks["test_accuracy"], dtype=float), alpha=0.75,
+                       **({"color": color} if row.kind in MARKERS else {}), label=shown, **style)
         avg = report.weight_average
-        ax.scatter(avg.nearest(measure), [avg.test.mean], marker="X", s=130, facecolors="none", edgecolors="black",
-                   linewidths=1.5, label="weight average", zorder=5)  # hollow: points under it stay visible
+        ax.scatter(avg.nearest(measure), [avg.test.mean], marker="X", s=320, facecolors="none", edgecolors="black",
+                   linewidths=1.0, label="weight average", zorder=6)  # hollow: points under it stay visible
         positive = [v for row in rows for v in row.nearest(measure) or [] if v is not None and v > 0]
         if measure == "l2" and positive:
             ax.set_xscale("symlog", linthresh=float(min(positive)))  # distances span orders of magnitude
@@ -94,7 +99,8 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{report.task}: accuracy vs novelty\n" + textwrap.fill(report.verdict.text, 150), fontsize=9)
+    verdict = textwrap.fill(report.verdict.text, 120, break_long_words=False, break_on_hyphens=False)  # whole words only
+    fig.suptitle(f"{report.task}: accuracy vs novelty\n{verdict}", fontsize=9)
     return _save(fig, path)
 
 
