@@ -71,10 +71,10 @@ def run_cli():
     """Run the real `pdiff` console script in a subprocess: `run_cli("collect", "task.param.k=0")`.
 
     Returns the `subprocess.CompletedProcess` (text mode, stdout/stderr captured); runs in the
-    repository root with the test environment, no stdin, and a 5-minute limit.
+    repository root with the test environment, no stdin, and a 15-minute limit (a busy machine is slow).
     """
 
-    def run(*args: str, cwd: Path | str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(*args: str, cwd: Path | str | None = None, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
         exe = Path(sys.executable).with_name("pdiff")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pdiff"]
         return subprocess.run(

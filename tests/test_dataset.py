@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -200,6 +201,21 @@ def test_failed_overwrite_keeps_the_old_dataset(ds, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(ParameterDataset.from_pretrained(target).vectors, ds.vectors)
     assert [p.name for p in tmp_path.iterdir()] == ["params"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Folders and files pdiff writes are as private or as shared as the user's umask says (not mkdtemp's 0700)."""
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "file").write_text("x")
+        from pdiff.io import write_text
+
+        write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_directory(tmp_path):
