@@ -96,6 +96,7 @@ FILE_CASES = [
     ("evaluate --dataset {data} --generated {data} --out {tmp}/file.txt", "--out {tmp}/file.txt is a file"),
     ("evaluate --dataset {data} --generated {data} --out {tmp}/e --device bogus", "--device bogus: not a device"),
     ("evaluate --dataset {data} --generated {tmp}/other_base --out {tmp}/e", "different frozen base weights"),
+    ("evaluate --dataset {tmp}/nan_rows --generated {tmp}/nan_rows --out {tmp}/e", "1 of 4 parameter vectors contain NaN or Inf (rows [1])"),
     ("evaluate --dataset {data} --generated {tmp}/other_networks --out {tmp}/e", "other frozen base weights than the original parameter dataset's"),
     ("sweep {tmp}/malformed.yaml", "{tmp}/malformed.yaml is not valid YAML"),
     ("sweep {tmp}/none.yaml", "no sweep file at {tmp}/none.yaml"),

@@ -312,6 +312,7 @@ def evaluate_generated(
     the same size.
     """
     started = time.perf_counter()
+    originals.validate()  # a NaN original would poison the baselines (its spread, the average) and so the verdict
     generated = as_vectors(generated, originals)
     task = task or originals.task
     num_noise_models = len(generated) if num_noise_models is None else int(num_noise_models)
