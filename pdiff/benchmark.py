@@ -30,7 +30,7 @@ from .data import ParameterDataset
 from .evaluation import Report, evaluate_generated
 from .evaluation.scoring import benchmark_evaluation, evaluate_network, evaluate_vectors
 from .pipelines import PDiffPipeline, sampler_scheduler
-from .runtime import resolve_device
+from .runtime import resolve_device, synchronize
 from .sampling import load_generator, task_of
 from .train import main as train_main
 
@@ -56,14 +56,13 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 @contextmanager
 def phase(results: dict, name: str, device: torch.device) -> Iterator[dict]:
     """Time a phase; the body may add figures (throughput) to the yielded dict."""
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     entry: dict[str, Any] = {}
     started = time.perf_counter()
     yield entry
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     entry.setdefault("seconds", round(time.perf_counter() - started, 3))
     entry.update(peak_memory_mb(device))
     results[name] = entry
@@ -146,7 +145,7 @@ def bench_reference(pipe, task, device: torch.device, num_models: int, reference
     params = pipe(num_models=num_models, generator=torch.Generator().manual_seed(0)).params
     sampled = time.perf_counter()
     evaluate_vectors(pipe.target.net.to(device), layout, params, test, task.data.prepare, batch_size=task.eval_batch_size)
-    _sync(device)
+    synchronize(device)
     ours = {"networks": num_models, "sampling_seconds": round(sampled - started, 3), "seconds": round(time.perf_counter() - started, 3),
             "sampler": type(pipe.scheduler).__name__, "steps": len(pipe.scheduler.timesteps)}
 
@@ -157,17 +156,12 @@ def bench_reference(pipe, task, device: torch.device, num_models: int, reference
         vector = ddpm(num_models=1, num_inference_steps=ddpm.scheduler.config.num_train_timesteps, generator=torch.Generator().manual_seed(i)).params[0]
         net = task.build_network({k: v.cpu() for k, v in base.items()}, layout, vector).to(device)
         evaluate_network(net, test, task.data.prepare, batch_size=task.eval_batch_size)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     reference = {"networks": reference_models, "seconds": round(seconds, 3), "seconds_per_network": round(seconds / reference_models, 4),
                  "steps": ddpm.scheduler.config.num_train_timesteps, f"extrapolated_seconds_for_{num_models}": round(seconds / reference_models * num_models, 2)}
     return {"split": "test", "examples": len(test), "pdiff": ours, "reference": reference,
             "speedup": round(seconds / reference_models * num_models / ours["seconds"], 1)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def outcome(report: Report) -> dict[str, Any]:

@@ -38,11 +38,17 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "outp
     check_writable(path.parent if not path.exists() else path)
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail now, naming the folder, if nothing can be written under `path` (or its nearest existing parent)."""
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path`, or the closest of its parents that exists: where a new output would be created."""
     path = Path(path).absolute()
     while not path.exists():
         path = path.parent
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, naming the folder, if nothing can be written under `path` (or its nearest existing parent)."""
+    path = nearest_existing(path)
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(errno.EACCES, f"{path} is not writable: choose an output folder you can write to")
 

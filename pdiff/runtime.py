@@ -9,6 +9,12 @@ from pathlib import Path
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """None or "auto": the GPU when there is one, else the CPU. A device that is not there is an error now,
     not a CUDA traceback later."""

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from .data import ParameterDataset
 from .evaluation.inputs import NETWORKS_FILE
 from .evaluation.scoring import evaluate_vectors
-from .io import atomic_directory, write_json
+from .io import atomic_directory, nearest_existing, write_json
 from .pipelines import PDiffPipeline, sampler_scheduler
 from .runtime import resolve_device
 from .tasks import Task
@@ -82,9 +82,10 @@ def check_sample_fits(pipe: PDiffPipeline, num_models: int, out: Path, per_netwo
         raise ValueError(f"--num-models {num_models}: their parameters alone need {memory / 1e9:.3g} GB and {free / 1e9:.3g} GB of memory "
                          f"are free here; at most about {fit} fit. Sample in several runs with different --seed")
     per_network = sum(t.numel() * t.element_size() for t in pipe.target.net.state_dict().values()) if per_network_files else pipe.layout.dim * 4
-    disk, free_disk = num_models * per_network, shutil.disk_usage(_existing_parent(out)).free
+    folder = nearest_existing(out)
+    disk, free_disk = num_models * per_network, shutil.disk_usage(folder).free
     if disk > free_disk:
-        raise ValueError(f"--num-models {num_models}: the files would take {disk / 1e9:.3g} GB and {_existing_parent(out)} has "
+        raise ValueError(f"--num-models {num_models}: the files would take {disk / 1e9:.3g} GB and {folder} has "
                          f"{free_disk / 1e9:.3g} GB free; at most about {free_disk // per_network} fit")
 
 
@@ -96,10 +97,3 @@ def _available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .overrides import add_overrides
+from .arguments import add_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .sample import positive_int
+from .arguments import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,14 +33,14 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ..data import ParameterDataset
-    from ..evaluation import DEFAULT_NOISE_SCALES, evaluate_and_write, load_generated
+    from ..evaluation import DEFAULT_NOISE_SCALES, REPORT_FILE, evaluate_and_write, load_generated
     from ..evaluation.render import format_summary
     from ..io import check_writable
     from ..runtime import resolve_device
 
     out = Path(args.out)
-    if (out / "report.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'report.json'} already exists; pass --overwrite to replace it, or choose another --out")
+    if (out / REPORT_FILE).exists() and not args.overwrite:
+        raise FileExistsError(f"{out / REPORT_FILE} already exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
     check_writable(out)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .overrides import add_overrides
-from .sample import positive_int
+from .arguments import add_overrides, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .arguments import positive_int
+
 if TYPE_CHECKING:
     from ..data import ParameterDataset
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a generator: folder or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--num-models", type=positive_int, default=100, help="networks to generate (one batched chain)")
+    p.add_argument("--num-models", type=positive_int, default=100, help="networks to generate (denoised together, in chains of up to 1,024)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("safetensors", "dataset"), default="safetensors", help="one safetensors state dict per network, or a parameter dataset like `pdiff collect` writes")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the steps the generator was validated with)")
@@ -31,13 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
     p.add_argument("--dataset", default=None, help="with --evaluate: the original parameter dataset, for the full report (baselines, novelty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def run(args: argparse.Namespace) -> None:

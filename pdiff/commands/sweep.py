@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..sweeps.files import DEFAULT_METRICS_FILE
-from .overrides import add_overrides
+from .arguments import add_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

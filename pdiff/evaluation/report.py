@@ -35,7 +35,6 @@ and `Report.from_dict()` reads it back, so a saved report renders exactly like a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from ..data import ParameterDataset
-from ..io import write_json
+from ..io import read_json, write_json
 from ..tasks import Task
 from .baselines import DEFAULT_NOISE_SCALES, noisy_copies, weight_average
 from .inputs import as_vectors
@@ -282,7 +281,7 @@ class Report:
     def load(cls, path: str | os.PathLike) -> Report:
         """A report from `report.json` or the folder holding it."""
         path = Path(path)
-        return cls.from_dict(json.loads((path / REPORT_FILE if path.is_dir() else path).read_text()))
+        return cls.from_dict(read_json(path / REPORT_FILE if path.is_dir() else path))
 
 
 def _novelty_dict(novelty: Novelty | None) -> dict[str, Any] | None:

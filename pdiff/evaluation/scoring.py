@@ -24,7 +24,7 @@ from torch.func import functional_call, vmap
 
 from ..data import ParameterDataset
 from ..params import ParameterLayout
-from ..runtime import resolve_device
+from ..runtime import resolve_device, synchronize
 from ..tasks import Task
 from ..tasks.data import Split
 from ..tasks.networks import StagedNetwork
@@ -140,11 +140,6 @@ def evaluate_network(
     return correct / len(split), loss_sum / len(split)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize(device)
-
-
 class NetworkEvaluator:
     """Scores many parameter vectors of one layout on a task's splits, in chunks, on one device.
 
@@ -189,7 +184,7 @@ class NetworkEvaluator:
         started = time.perf_counter()
         step = self.max_networks_per_pass
         parts = [self._score_pass(safe[lo : lo + step], target, return_wrong) for lo in range(0, len(safe), step)]
-        _sync(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - started
         self.networks_scored += len(vectors)
         scores = _concat(parts, len(target), return_wrong)
@@ -263,16 +258,16 @@ def benchmark_evaluation(
         return evaluate_network(net, target, task.data.prepare, batch_size=batch_size)[0]
 
     batched(vectors[:1]), one(vectors[0])  # warm-up: first-call allocations, kernel selection
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     batched_acc = batched(vectors).accuracy
-    _sync(device)
+    synchronize(device)
     batched_s = time.perf_counter() - started
 
     subset = vectors[: max_one_by_one or len(vectors)]
     started = time.perf_counter()
     single_acc = [one(v) for v in subset]
-    _sync(device)
+    synchronize(device)
     single_s = time.perf_counter() - started
     return {
         "split": split,

@@ -34,7 +34,6 @@ from .loading import InvalidGeneratorError, check_components, check_folder, chec
 if TYPE_CHECKING:
     from ..evaluation import Report
 
-REPORT_FILE = "report.json"
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
@@ -180,10 +179,10 @@ class PDiffPipeline(DiffusionPipeline):
             report.save(save_directory)
         for plot in plots or []:
             shutil.copy(plot, save_directory / Path(plot).name)
-        if report is None and (save_directory / REPORT_FILE).exists():
-            from ..evaluation import Report
+        if report is None:  # a report saved with the generator earlier still belongs in its card
+            from ..evaluation.report import REPORT_FILE, Report
 
-            report = Report.load(save_directory / REPORT_FILE)
+            report = Report.load(save_directory) if (save_directory / REPORT_FILE).exists() else None
         self.model_card(report, [Path(p).name for p in plots or []]).save(save_directory / "README.md")
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", save_directory.resolve().name)

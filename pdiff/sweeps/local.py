@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..config import load_config
-from ..io import write_text
+from ..io import read_json, write_text
 from .files import (
     DEFAULT_METRICS_FILE,
     SWEEPS_INSTALL_HINT,
@@ -128,7 +128,7 @@ def _require_sweeps():
 def _load_state(path: Path, config: dict[str, Any]) -> list[Trial]:
     if not path.exists():
         return []
-    state = json.loads(path.read_text())
+    state = read_json(path)
     if state.get("config") != _plain(config):
         raise SweepError(
             f"{path} holds a local sweep with a different sweep config. Continue it with its own config, "
@@ -257,7 +257,7 @@ def _run_trial(trial: Trial, env: dict[str, str], metric: str | None) -> None:
     if not metric:
         return
     try:
-        trial.metric = lookup_metric(json.loads(Path(trial.metrics_file).read_text()), metric)
+        trial.metric = lookup_metric(read_json(trial.metrics_file), metric)
     except (OSError, ValueError, KeyError) as err:
         trial.state, trial.error = "crashed", f"no {metric} in {trial.metrics_file}: {err}"
 

@@ -1,0 +1,17 @@
+"""Argument definitions the commands share: Hydra `key=value` overrides, positive counts."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. task=digits task.param.k=200 (`pdiff config` prints the keys)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: counts and steps must be at least 1 (0 or -1 would silently mean nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
