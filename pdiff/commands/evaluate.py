@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: as many as generated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
-    p.add_argument("--networks-per-chunk", type=positive_int, default=100, help="networks run together through vmap")
+    p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
     p.add_argument("--no-plots", action="store_true", help="write only report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
 

@@ -302,7 +302,7 @@ def evaluate_generated(
     num_noise_models: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
-    networks_per_chunk: int = 100,
+    networks_per_chunk: int | None = None,
     max_networks_per_pass: int = 2048,
 ) -> Report:
     """Evaluate generated parameter vectors [N, D] against the originals they were learned from.

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +29,7 @@ from ..runtime import resolve_device, synchronize
 from ..tasks import Task
 from ..tasks.data import Split
 from ..tasks.networks import StagedNetwork
+from .heads import PooledLinearHead
 from .inputs import as_vectors
 
 SPLITS = ("val", "test")
@@ -50,7 +52,7 @@ class Timing:
     networks_evaluated: int
     evaluation_seconds: float
     networks_per_s: float | None
-    networks_per_chunk: int
+    networks_per_chunk: int | None  # None: sized from free memory
     total_seconds: float | None = None
 
 
@@ -64,13 +66,58 @@ class _Stages(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.run_stages(x, self.start, self.stop)
 
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        return [(name, self.net.get_submodule(name)) for name in self.net.stage_names[self.start : self.stop]]
 
-def _split_at_layout(network: nn.Module, layout: ParameterLayout) -> tuple[nn.Module, nn.Module, str]:
-    """(frozen prefix, suffix holding the layout, parameter-name prefix of the suffix)."""
-    if isinstance(network, StagedNetwork):
-        cut = network.first_stage_holding(layout.names)
-        return _Stages(network, 0, cut), _Stages(network, cut, len(network.stage_names)), "net."
-    return nn.Identity(), network, ""  # unknown architecture: no shared prefix, vmap over the whole network
+
+class SuffixScorer:
+    """Logits of many parameter vectors of one layout on one network, sharing everything frozen.
+
+    The stages before the first generated parameter (the prefix) run once per image batch
+    (`features`); only the rest (the suffix) runs per network. A suffix that is a pooled classifier
+    head (`heads.PooledLinearHead`) is computed in closed form for all networks at once, and any
+    network whose argmax that could get wrong is re-run through its own forward pass; any other
+    suffix runs through `torch.func.vmap` over `functional_call`.
+    """
+
+    def __init__(self, network: nn.Module, layout: ParameterLayout):
+        layout.check_module(network)
+        network.eval()
+        self.layout = layout
+        if isinstance(network, StagedNetwork):
+            cut = network.first_stage_holding(layout.names)
+            self.prefix, self.suffix, self.key = _Stages(network, 0, cut), _Stages(network, cut, len(network.stage_names)), "net."
+            self.head = PooledLinearHead.find(self.suffix.named_stages())
+        else:  # unknown architecture: no shared prefix, vmap over the whole network
+            self.prefix, self.suffix, self.key, self.head = nn.Identity(), network, "", None
+        self.batched = vmap(self._suffix_logits, in_dims=(0, None))
+
+    def features(self, split: Split, prepare: Callable[[torch.Tensor], torch.Tensor], batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(prefix output, labels) for every image batch of `split`: what all networks share."""
+        batches = []
+        for start in range(0, len(split), batch_size):
+            images = split.images[start : start + batch_size].to(device)
+            batches.append((self.prefix(prepare(images)), split.labels[start : start + batch_size].to(device)))
+        return batches
+
+    def logits(self, vectors: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Logits [n, batch, classes] of the n networks given by `vectors` [n, D]; which ones hit
+        their label is exactly as in each network's own forward pass."""
+        chunk = self.layout.unflatten(vectors)
+        if self.head is None:
+            return self.batched({self.key + name: value for name, value in chunk.items()}, features)
+        return self.head.logits(features, chunk, labels)
+
+    def _suffix_logits(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.suffix, params, (features,))
+
+    def networks_per_chunk(self, features: torch.Tensor, device: torch.device) -> int:
+        """As many networks per chunk as keep the chunk's temporaries within `chunk_budget`."""
+        if self.head is not None:  # the closed form keeps a few [channels, batch, networks] arrays
+            per_network = 6 * 4 * features.shape[1] * len(features)
+        else:  # vmap materialises a few copies of the suffix's activations per network
+            per_network = 4 * 4 * features.numel()
+        return max(1, min(1024, chunk_budget(device) // per_network))
 
 
 @torch.no_grad()
@@ -82,45 +129,53 @@ def evaluate_vectors(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     *,
     batch_size: int = 1000,
-    networks_per_chunk: int = 100,
+    networks_per_chunk: int | None = None,
     return_wrong: bool = False,
+    scorer: SuffixScorer | None = None,
+    features: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Scores:
     """Accuracy and loss of `network` with each row of `vectors` [B, D] put into its layout's parameters.
 
-    `network` holds the frozen (base) weights, is in eval mode and sits on the device to compute on.
+    `network` holds the frozen (base) weights and sits on the device to compute on. A caller scoring
+    many sets passes its `scorer` and the split's `features` so the prefix runs once per split.
+    `networks_per_chunk=None` sizes chunks from free memory.
     """
     layout.check_vectors(vectors)
-    layout.check_module(network)
-    network.eval()
+    scorer = scorer or SuffixScorer(network, layout)
     device = next(network.parameters()).device
     vectors = vectors.to(device=device, dtype=torch.float32).reshape(-1, layout.dim)
     num_networks, n = vectors.shape[0], len(split)
-    prefix, suffix, prefix_key = _split_at_layout(network, layout)
-
-    def logits_of(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-        return functional_call(suffix, params, (features,))
-
-    batched_logits = vmap(logits_of, in_dims=(0, None))
+    features = features if features is not None else scorer.features(split, prepare, batch_size, device)
     correct = torch.zeros(num_networks, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(num_networks, dtype=torch.float64, device=device)
     wrong = torch.zeros(num_networks, n, dtype=torch.bool) if return_wrong else None
 
-    for start in range(0, n, batch_size):
-        images = split.images[start : start + batch_size].to(device)
-        labels = split.labels[start : start + batch_size].to(device)
-        features = prefix(prepare(images))  # the frozen prefix runs once for all networks
-        for lo in range(0, num_networks, networks_per_chunk):
-            chunk = layout.unflatten(vectors[lo : lo + networks_per_chunk])
-            params = {prefix_key + name: value for name, value in chunk.items()}
-            logits = batched_logits(params, features)  # [b, batch, classes]
+    start = 0
+    for feats, labels in features:
+        step = networks_per_chunk or scorer.networks_per_chunk(feats, device)
+        for lo in range(0, num_networks, step):
+            logits = scorer.logits(vectors[lo : lo + step], feats, labels)  # [b, batch, classes]
             hits = logits.argmax(-1) == labels
             correct[lo : lo + len(hits)] += hits.sum(-1)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(len(hits)), reduction="none")
             loss_sum[lo : lo + len(hits)] += losses.view(len(hits), -1).double().sum(-1)
             if wrong is not None:
                 wrong[lo : lo + len(hits), start : start + len(labels)] = ~hits.cpu()
+        start += len(labels)
 
     return Scores(correct.cpu().double() / n, loss_sum.cpu() / n, wrong)
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes one chunk of networks may use: a quarter of free accelerator memory, or on CPU a size
+    that keeps the allocator reusing memory instead of faulting in fresh pages."""
+    if device.type == "cuda":
+        return _free_memory(device) // 4
+    return min(256 * 2**20, _free_memory(device) // 8)
+
+
+def _free_memory(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
 @torch.no_grad()
@@ -143,10 +198,11 @@ def evaluate_network(
 class NetworkEvaluator:
     """Scores many parameter vectors of one layout on a task's splits, in chunks, on one device.
 
-    The base network and the splits are moved to the device once. Vectors are sent in slices of
-    `max_networks_per_pass` (so N x D never has to fit on the device), and `evaluate_vectors` runs
-    `networks_per_chunk` networks at a time through vmap; on a CUDA out-of-memory error that chunk
-    size is halved and the pass retried. The smaller size is kept for the passes that follow.
+    The base network and the splits are moved to the device once, and each split's prefix features
+    are computed once and kept while they fit in a quarter of free memory. Vectors are sent in
+    slices of `max_networks_per_pass` (so N x D never has to fit on the device), `networks_per_chunk`
+    (default: sized from free memory) at a time; on a CUDA out-of-memory error that chunk size is
+    halved and the pass retried. The smaller size is kept for the passes that follow.
     """
 
     def __init__(
@@ -157,20 +213,21 @@ class NetworkEvaluator:
         *,
         device: str | torch.device | None = None,
         batch_size: int | None = None,
-        networks_per_chunk: int = 100,
+        networks_per_chunk: int | None = None,
         max_networks_per_pass: int = 2048,
     ):
         self.task, self.layout = task, layout
         self.device = resolve_device(device)
         self.batch_size = int(batch_size or task.eval_batch_size)
-        if self.batch_size < 1 or networks_per_chunk < 1 or max_networks_per_pass < 1:
+        if self.batch_size < 1 or (networks_per_chunk is not None and networks_per_chunk < 1) or max_networks_per_pass < 1:
             raise ValueError("batch_size, networks_per_chunk and max_networks_per_pass must be positive")
-        self.networks_per_chunk = int(networks_per_chunk)
+        self.networks_per_chunk = networks_per_chunk
         self.max_networks_per_pass = int(max_networks_per_pass)
         self.network = task.build_network(base_state).to(self.device)
-        layout.check_module(self.network)
+        self.scorer = SuffixScorer(self.network, layout)
         self.prepare = task.data.prepare
         self.splits = {name: task.data.split(name).to(self.device) for name in SPLITS}
+        self._features: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.seconds = 0.0
         self.networks_scored = 0  # networks evaluated on one split each
 
@@ -178,16 +235,15 @@ class NetworkEvaluator:
         """Accuracy/loss (and wrong masks) of every row of `vectors`; non-finite rows get every example wrong."""
         self.layout.check_vectors(vectors)
         vectors = vectors.reshape(-1, self.layout.dim)
-        target = self.splits[split]
         finite = torch.isfinite(vectors).all(1)
         safe = torch.where(finite[:, None], vectors, torch.zeros((), dtype=vectors.dtype))
         started = time.perf_counter()
         step = self.max_networks_per_pass
-        parts = [self._score_pass(safe[lo : lo + step], target, return_wrong) for lo in range(0, len(safe), step)]
+        parts = [self._score_pass(safe[lo : lo + step], split, return_wrong) for lo in range(0, len(safe), step)]
         synchronize(self.device)
         self.seconds += time.perf_counter() - started
         self.networks_scored += len(vectors)
-        scores = _concat(parts, len(target), return_wrong)
+        scores = _concat(parts, len(self.splits[split]), return_wrong)
         scores.accuracy[~finite], scores.loss[~finite] = 0.0, math.nan
         if scores.wrong is not None:
             scores.wrong[~finite] = True
@@ -201,19 +257,31 @@ class NetworkEvaluator:
             networks_per_s=round(networks / self.seconds, 2) if self.seconds > 0 else None, networks_per_chunk=self.networks_per_chunk,
         )
 
-    def _score_pass(self, vectors: torch.Tensor, split: Split, return_wrong: bool) -> Scores:
+    def features(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The split's prefix features, computed once and kept when they fit."""
+        if split in self._features:
+            return self._features[split]
+        batches = self.scorer.features(self.splits[split], self.prepare, self.batch_size, self.device)
+        size = sum(f.numel() * f.element_size() for f, _ in batches)
+        if size <= _free_memory(self.device) // 4:
+            self._features[split] = batches
+        return batches
+
+    def _score_pass(self, vectors: torch.Tensor, split: str, return_wrong: bool) -> Scores:
         # Not accelerate's find_executable_batch_size: it empties the CUDA cache and runs gc.collect()
         # on every call (~0.2 s each, 18 calls per report), which would dominate a fast evaluation.
+        features = self.features(split)
         while True:
             try:
                 return evaluate_vectors(
-                    self.network, self.layout, vectors, split, self.prepare,
-                    batch_size=self.batch_size, networks_per_chunk=self.networks_per_chunk, return_wrong=return_wrong,
+                    self.network, self.layout, vectors, self.splits[split], self.prepare, batch_size=self.batch_size,
+                    networks_per_chunk=self.networks_per_chunk, return_wrong=return_wrong, scorer=self.scorer, features=features,
                 )
             except torch.cuda.OutOfMemoryError:
-                if self.networks_per_chunk == 1:
+                chunk = self.networks_per_chunk or self.scorer.networks_per_chunk(features[0][0], self.device)
+                if chunk == 1:
                     raise
-                self.networks_per_chunk = max(1, self.networks_per_chunk // 2)
+                self.networks_per_chunk = max(1, chunk // 2)
                 torch.cuda.empty_cache()
 
 
