@@ -352,3 +352,24 @@ echo never
     assert proc.stdout.splitlines() == [f"+ touch {marker} a\\ b", "+ true", "3", "uint-yes", "uint-no"]
     assert not marker.exists()  # the dry run printed the command only
     assert proc.returncode == 2 and proc.stderr.strip().endswith("error: bad thing")
+
+
+# -- the GPU check --------------------------------------------------------------------------------
+
+
+def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
+    """`launch/gpu_check.sh --smoke`: the device check's own steps, tiny and on CPU, so it is known to run
+    before a GPU machine is lent for it."""
+    import json
+
+    proc = launch("gpu_check.sh", "--smoke", "--out", str(tmp_path / "out"), timeout=600, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 0 step(s) failed" in proc.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["bench_fashion_mnist_bf16.json", "bench_fashion_mnist_no.json", "bench_resnet18_paper.json", "gpu_tests.xml"]
+    for name in names[:3]:
+        result = json.loads((tmp_path / "out" / name).read_text())
+        assert {"collect", "autoencoder", "diffusion", "sampling_ddim", "evaluation"} <= set(result["phases"])
+    assert json.loads((tmp_path / "out" / "bench_fashion_mnist_bf16.json").read_text())["phases"]["train_total"]["mixed_precision"] == "bf16"
+    collected = [line for line in proc.stdout.splitlines() if line.startswith("tests/test_gpu.py::") or "test_gpu.py::" in line]
+    assert len(collected) == 6  # the CUDA tests import and are selected by -m gpu (they run only on a GPU)

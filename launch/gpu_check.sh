@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU check: pdiff's CUDA tests and benchmarks in one command, every figure as JSON.
+#
+#   bash launch/gpu_check.sh --out DIR            # on a GPU machine (about 8 minutes on one H100)
+#   bash launch/gpu_check.sh --smoke --out DIR    # anywhere, in under a minute: the same steps, tiny and on CPU
+#
+# What it runs, writing DIR/<name>.json per benchmark and DIR/gpu_tests.xml:
+#   1. pytest -m gpu                     collect -> train -> sample -> evaluate on CUDA, fp16/bf16 steps,
+#                                        bit-equal save/load, batched == one-by-one scoring, seeded sampling
+#   2. pdiff bench --task fashion_mnist  (D = 778) with train.mixed_precision = no, bf16 and fp16
+#   3. pdiff bench --task fake_cifar_resnet18 generator=paper train=paper   (D = 2,048, synthetic data)
+# Packages the GPU image lacks come from .device/wheels and Fashion-MNIST from .device/fashion-mnist
+# (launch/gpu_wheels.sh prepares both here); pdiff itself runs from this working tree.
+set -uo pipefail  # not -e: a failed step is counted and the next one still runs
+source "$(dirname "$0")/common.sh"
+
+usage() {
+    cat <<USAGE
+Usage: launch/gpu_check.sh --out DIR [options]
+
+Options:
+      --out DIR     where the JSON figures (and gpu_tests.xml) go; required
+      --smoke       the same steps, tiny and on CPU, in under a minute (also: --cpu)
+      --dry-run     print the commands instead of running them [DRY_RUN=1]
+  -h, --help        this text
+Executables: PYTHON (default: python3).
+USAGE
+}
+
+OUT="" SMOKE=0
+while (($#)); do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1 ;;
+        --out) OUT="${2:?$1 needs a folder}"; shift ;;
+        --smoke | --cpu) SMOKE=1 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) die "unexpected argument $1 (see --help)" ;;
+    esac
+    shift
+done
+[[ -n "$OUT" ]] || die "--out DIR is required: where the JSON figures go"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+
+if [[ -d "$REPO_ROOT/.device/wheels" ]] && ! "$PYTHON" -c "import diffusers, datasets, hydra" 2>/dev/null; then
+    run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pdiff-site "$REPO_ROOT"/.device/wheels/*.whl || die "installing .device/wheels failed"
+    export PYTHONPATH="/tmp/pdiff-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [[ -d "$REPO_ROOT/.device/fashion-mnist" ]]; then  # where torchvision looks for the files, unpacked
+    export PDIFF_DATA_DIR="${PDIFF_DATA_DIR:-/tmp/pdiff-data}"
+    mkdir -p "$PDIFF_DATA_DIR/FashionMNIST/raw"
+    for f in "$REPO_ROOT"/.device/fashion-mnist/*.gz; do
+        target="$PDIFF_DATA_DIR/FashionMNIST/raw/$(basename "${f%.gz}")"
+        [[ -f "$target" ]] || gunzip -c "$f" > "$target.partial" && mv "$target.partial" "$target"
+    done
+fi
+PDIFF_CMD=("$PYTHON" -m pdiff)
+failures=0
+step() { local name=$1; shift; log "$name"; run "$@" || { log "FAILED: $name"; failures=$((failures + 1)); }; }
+
+if [[ "$SMOKE" == 1 ]]; then
+    DEVICE=cpu PRECISIONS=(no bf16) FASHION=(--task digits --num-models 8 --steps 4 task.param.k=16 task.base.epochs=1 train.ae_steps=8 train.diffusion_steps=8 train.eval_every=8
+             train.eval_num_models=4 generator.scheduler.num_train_timesteps=20 generator.num_inference_steps=4)
+    PAPER=(--task fake_cifar_resnet18 --num-models 4 --steps 4 generator=paper train=paper task.data.train_size=64 task.data.val_size=16 task.data.test_size=32
+           task.base.epochs=1 task.base.batch_size=32 task.param.batch_size=16 task.param.k=8 train.batch_size=4 train.ae_steps=2 train.diffusion_steps=2
+           train.eval_every=2 train.eval_num_models=2 generator.scheduler.num_train_timesteps=20 generator.num_inference_steps=4)
+    TESTS=(-m gpu --co -q)  # collection only: the tests themselves need CUDA
+else
+    DEVICE=cuda PRECISIONS=(no bf16 fp16) FASHION=(--task fashion_mnist train.ae_steps=500 train.diffusion_steps=1000)
+    PAPER=(--task fake_cifar_resnet18 generator=paper train=paper)
+    TESTS=(-m gpu -q -p no:cacheprovider)
+    [[ "$DRY_RUN" == 1 ]] || "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || die "no CUDA device visible (use --smoke to check the script on CPU)"
+fi
+
+step "environment" "$PYTHON" -c "import json, torch, diffusers, accelerate; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'diffusers': diffusers.__version__, 'accelerate': accelerate.__version__}))"
+step "gpu tests" "$PYTHON" -m pytest "$REPO_ROOT/tests" "${TESTS[@]}" --junitxml "$OUT/gpu_tests.xml"
+for precision in "${PRECISIONS[@]}"; do
+    step "fashion bench ($precision)" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_fashion_mnist_$precision.json" "${FASHION[@]}" train.mixed_precision="$precision"
+done
+step "paper-scale bench" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_resnet18_paper.json" "${PAPER[@]}"
+log "done: $failures step(s) failed; figures in $OUT"
+exit $(( failures > 0 ))
