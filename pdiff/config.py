@@ -43,7 +43,7 @@ OPTIONAL = {"default": None}  # a key a YAML file may leave out
 @dataclass(kw_only=True)
 class DataSchema:
     source: str = rule(choices=("digits", "torchvision", "hub", "fake"))
-    val_size: int = rule(ge=1)
+    val_size: float = rule(gt=0)  # a count of training images, or a fraction of them when below 1
     split_seed: int = rule(default=0)
     name: Optional[str] = rule(**OPTIONAL)
     root: Optional[str] = rule(**OPTIONAL)
@@ -92,7 +92,7 @@ class EvalSchema:
 class TaskSchema:
     name: str = rule()
     data: DataSchema = rule()
-    network: dict = rule()  # `name` plus the network's own keyword arguments
+    network: dict = rule()  # `name` (pdiff's own) or `_target_` (an import path), plus keyword arguments
     base: BaseTrainingSchema = rule()
     param: ParamSchema = rule()
     eval: EvalSchema = rule()
@@ -149,7 +149,7 @@ class TrainSchema:
     lr_warmup_steps: int = rule(ge=0)
     gradient_accumulation_steps: int = rule(ge=1)
     max_grad_norm: float = rule(gt=0)
-    mixed_precision: Optional[str] = rule(choices=(None, "no", "bf16", "fp16"), **OPTIONAL)
+    mixed_precision: Optional[str] = rule(choices=(None, "auto", "no", "bf16", "fp16"), **OPTIONAL)
     ema_decay: Optional[float] = rule(ge=0, lt=1, **OPTIONAL)
     checkpointing_steps: int = rule(ge=0)  # 0: no checkpoints
     checkpoints_total_limit: Optional[int] = rule(ge=1, **OPTIONAL)
@@ -277,7 +277,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
         )
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=[_open_network_key(o) for o in overrides])
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, config_dir, config_name)) from err
@@ -288,6 +288,12 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
         validate(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _open_network_key(override: str) -> str:
+    """`task.network.<key>=v` adds or sets a keyword argument of the network: its keys are the network's
+    own constructor's, so they cannot all be known in advance (Hydra would need `++` for a new one)."""
+    return "++" + override if override.startswith("task.network.") else override
 
 
 def _explain(err: Exception, config_dir: Path, config_name: str) -> str:

@@ -33,6 +33,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: CUDA GPUs with bf16 units, CPUs with AVX512-BF16 or AMX. Elsewhere
+    bf16 is emulated and slower than float32. (On the 2-core AVX512-BF16 machine of the README it made the
+    autoencoder step 1.9x and the denoiser step 1.1x faster.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 # -- threads ----------------------------------------------------------------------------------------
 #
 # torch's default, one OpenMP thread per core, collapses when several processes share the cores: idle

@@ -45,6 +45,7 @@ from pdiff.io import atomic_directory, output_lock, write_json
 from pdiff.models import ParameterAutoencoder, TargetNetwork, UNet1DModel, build_unet
 from pdiff.pipelines import PDiffPipeline
 from pdiff.pipelines.loading import check_component_weights
+from pdiff.runtime import native_bf16
 from pdiff.tasks import Task
 from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point
 from pdiff.training.loop import TrainingRun, TrainingState
@@ -132,7 +133,7 @@ def train(cfg: DictConfig, accelerator: Accelerator, dataset: ParameterDataset, 
 def check_environment(cfg: DictConfig) -> None:
     """What the schema cannot know: this machine's devices and combinations of keys."""
     t = cfg.train
-    precision = t.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = mixed_precision(cfg)
     if precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on the CPU use bf16 or no")
     if t.phase == "diffusion" and not t.autoencoder_path:
@@ -143,11 +144,20 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
 
 
+def mixed_precision(cfg: DictConfig) -> str:
+    """`train.mixed_precision`, with null and auto resolved for this process."""
+    chosen, launcher = cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if chosen == "auto":
+        device = torch.device("cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda")
+        return launcher or ("bf16" if native_bf16(device) else "no")
+    return chosen or launcher or "no"
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     t = cfg.train
     return Accelerator(
         cpu=bool(cfg.cpu),
-        mixed_precision=t.mixed_precision,
+        mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=int(t.gradient_accumulation_steps),
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),

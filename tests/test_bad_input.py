@@ -57,7 +57,7 @@ CONFIG_CASES = [
     ("train train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps=0: must be >= 1"),
     ("train train.lr_scheduler=bogus", "train.lr_scheduler=bogus: choose one of"),
     ("train train.ema_decay=1.5", "train.ema_decay=1.5: must be < 1"),
-    ("train train.mixed_precision=fp8", "train.mixed_precision=fp8: choose one of null, no, bf16, fp16"),
+    ("train train.mixed_precision=fp8", "train.mixed_precision=fp8: choose one of null, auto, no, bf16, fp16"),
     ("train train.mixed_precision=fp16 cpu=true", "train.mixed_precision=fp16 needs a CUDA GPU"),
     ("train train.report_to=tensorboard", "train.report_to=tensorboard: choose one of none, wandb"),
     ("train train.phase=both", "train.phase=both: choose one of all, autoencoder, diffusion"),

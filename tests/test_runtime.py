@@ -60,3 +60,19 @@ def test_resolve_device_refuses_what_is_not_there(device, message):
         runtime.resolve_device(device)
     assert runtime.resolve_device("cpu") == torch.device("cpu")
     assert runtime.resolve_device(None).type in ("cpu", "cuda")
+
+
+def test_auto_mixed_precision_follows_the_launcher_else_native_bf16(monkeypatch):
+    import pdiff.train as train_script
+    from pdiff.config import load_config
+
+    cfg = load_config(["cpu=true"])
+    assert cfg.train.mixed_precision == "auto"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(train_script, "native_bf16", lambda device: True)
+    assert train_script.mixed_precision(cfg) == "bf16"
+    monkeypatch.setattr(train_script, "native_bf16", lambda device: False)
+    assert train_script.mixed_precision(cfg) == "no"  # emulated bf16 would be slower than float32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
+    assert train_script.mixed_precision(cfg) == "fp16"
+    assert train_script.mixed_precision(load_config(["cpu=true", "train.mixed_precision=no"])) == "no"

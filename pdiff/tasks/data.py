@@ -74,7 +74,7 @@ def load_data(cfg: Mapping[str, Any]) -> TaskData:
     if source not in loaders:
         raise ValueError(f"unknown data source {source!r}: choose one of {sorted(loaders)}")
     train, test, max_value, num_classes = loaders[source](cfg)
-    train, val = _carve_validation(train, int(cfg["val_size"]), int(cfg.get("split_seed", 0)))
+    train, val = _carve_validation(train, _validation_count(cfg["val_size"], len(train)), int(cfg.get("split_seed", 0)))
     mean, std = _channel_stats(train.images, max_value)
     return TaskData(train, val, test, num_classes, mean, std, max_value)
 
@@ -214,6 +214,15 @@ def _load_fake(cfg):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _validation_count(val_size: float, num_train: int) -> int:
+    """`task.data.val_size`: a count of training images, or below 1 a fraction of them (at least one)."""
+    if val_size < 1:
+        return max(1, round(val_size * num_train))
+    if val_size != int(val_size):
+        raise ValueError(f"task.data.val_size={val_size}: give a whole number of images or a fraction below 1")
+    return int(val_size)
 
 
 def _carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

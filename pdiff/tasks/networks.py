@@ -79,12 +79,73 @@ class ResNet18CIFAR(StagedNetwork):
 
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet18_cifar": ResNet18CIFAR}
+# Import paths a network config may name without the user vouching for them: pdiff's own code and
+# torchvision's models (a dependency already imported). Anything else names code to run.
+BUILTIN_PREFIXES = ("pdiff.", "torchvision.models.")
+
+
+class NetworkImportError(ImportError):
+    """A network's `_target_` cannot be imported, or is not a network."""
 
 
 def build_network(cfg: Mapping[str, Any], in_channels: int, num_classes: int) -> nn.Module:
-    """Instantiate `task.network` (`name` plus keyword arguments) for the task's data."""
-    kwargs = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in cfg.items() if k != "name"}
-    name = cfg["name"]
+    """Instantiate `task.network` for the task's data: pdiff's own networks by `name`, any importable
+    network by `_target_` (Hydra's convention: an import path plus keyword arguments).
+
+    A `_target_` callable that takes `in_channels` or `num_classes` and is not given them gets the data's.
+    """
+    kwargs = {k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in cfg.items() if k not in ("name", "_target_")}
+    if "_target_" in cfg:
+        if cfg.get("name"):
+            raise ValueError(f"task.network names both name={cfg['name']!r} and _target_={cfg['_target_']!r}: "
+                             "start from task=custom (no built-in network), or drop the other with task.network.name=null")
+        factory = import_network(str(cfg["_target_"]))
+        accepted = _parameters(factory)
+        defaults = {"in_channels": in_channels, "num_classes": num_classes}
+        kwargs = {**{k: v for k, v in defaults.items() if k in accepted and k not in kwargs}, **kwargs}
+        net = factory(**kwargs)
+        if not isinstance(net, nn.Module):
+            raise NetworkImportError(f"task.network._target_={cfg['_target_']} returned a {type(net).__name__}, not a torch.nn.Module")
+        return net
+    name = cfg.get("name")
     if name not in NETWORKS:
-        raise ValueError(f"unknown network {name!r}: choose one of {sorted(NETWORKS)}")
+        raise ValueError(f"unknown network {name!r}: choose one of {sorted(NETWORKS)}, or give an import path as task.network._target_")
     return NETWORKS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def import_network(path: str) -> Callable[..., Any]:
+    """The class or function at `path` (`package.module.Name`), with errors that say what to install."""
+    from hydra.utils import get_object
+
+    module = path.rpartition(".")[0]
+    if not module:
+        raise NetworkImportError(f"task.network._target_={path!r} is not an import path: use package.module.ClassName")
+    try:
+        target = get_object(path)
+    except Exception as err:  # hydra wraps ImportError/AttributeError in its own exceptions
+        raise NetworkImportError(
+            f"cannot import task.network._target_={path}: {str(err).splitlines()[0]}. "
+            f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
+        ) from None
+    if not callable(target) or (isinstance(target, type) and not issubclass(target, nn.Module)):
+        raise NetworkImportError(f"task.network._target_={path} is a {type(target).__name__ if not isinstance(target, type) else target.__name__}, "
+                                 "not a torch.nn.Module class or a function that returns one")
+    return target
+
+
+def is_builtin(network_cfg: Mapping[str, Any]) -> bool:
+    """Whether building this network imports only pdiff's or torchvision's own code."""
+    target = network_cfg.get("_target_")
+    return target is None or str(target).startswith(BUILTIN_PREFIXES)
+
+
+def _parameters(factory: Callable[..., Any]) -> set[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # **kwargs: pass nothing it was not given
+        return {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    return {p.name for p in params}
