@@ -27,13 +27,13 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1 or Path(name).is_absolute()
 
 
-def download(repo_id: str, *, repo_type: str, allow_patterns: list[str], revision: str | None = None, **hub_kwargs: Any) -> Path:
+def download(repo_id: str, *, repo_type: str, allow_patterns: list[str], revision: str | None = None, what: str | None = None, **hub_kwargs: Any) -> Path:
     """`snapshot_download` of a repo (or its cached snapshot); every failure is one FileNotFoundError saying why."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
-    what = "generator" if repo_type == "model" else "parameter dataset"
+    what = what or ("generator" if repo_type == "model" else "parameter dataset")
     if looks_like_path(repo_id):
         raise FileNotFoundError(f"no {what} folder at {repo_id}")
     try:

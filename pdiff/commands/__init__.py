@@ -2,6 +2,7 @@
 
     pdiff run task=digits                           # every stage below, resumable: run it again after a stop
     pdiff collect task=digits task.param.k=200      # stage 1 (Hydra overrides)
+    pdiff import-checkpoints --from 'runs/*.safetensors' task=...   # stage 1 from checkpoints you already have
     pdiff train task=digits                         # stage 2 in this process (`accelerate launch pdiff/train.py` for many)
     pdiff config task=fashion_mnist                 # print the composed config
     pdiff sample --model outputs/digits/generator --num-models 100 --out samples/
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 COMMANDS = {
     "run": "the whole method, collect -> train -> sample -> evaluate; run it again to continue where it stopped",
     "collect": "train a network and collect K checkpoints of its chosen parameters",
+    "import-checkpoints": "make a parameter dataset from existing checkpoints (files, globs or Hub repos)",
     "train": "train the generator (autoencoder + latent diffusion) in this process",
     "config": "print the composed config for the given overrides",
     "sample": "generate networks with a trained generator (folder or Hub) and write them out",
@@ -32,7 +34,7 @@ COMMANDS = {
 }
 
 # Commands that compute in this process with torch (train and collect set their own thread policy).
-NUMERIC = {"sample", "evaluate", "bench"}
+NUMERIC = {"sample", "evaluate", "bench", "import-checkpoints"}
 
 # What a command may raise for bad input (a key, a value, a file) or a machine that cannot take the output
 # (a full disk, a read-only or busy folder): reported as one line, exit status 2, no traceback.
@@ -45,7 +47,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, help_text in COMMANDS.items():
         if only is None or name == only:
-            module = importlib.import_module(f"pdiff.commands.{name}")
+            module = importlib.import_module(f"pdiff.commands.{name.replace('-', '_')}")
             p = sub.add_parser(name, help=help_text, description=help_text)
             module.add_arguments(p)
             p.set_defaults(run=module.run)
