@@ -66,5 +66,5 @@ def test_bench_concurrent_compares_one_run_with_several(tmp_path, run_cli):
     solo = result["solo"]
     for phase in ("ae", "diffusion"):
         total = sum(run[phase]["steps_per_s"] for run in result["concurrent"])
-        assert result["aggregate_ratio"][phase] == pytest.approx(total / solo[phase]["steps_per_s"], rel=1e-2)
+        assert result["aggregate_ratio"][phase] == pytest.approx(total / solo[phase]["steps_per_s"], rel=1e-2, abs=1e-3)  # rounded to 3 places
         assert all(run[phase]["steps"] == 8 for run in [solo, *result["concurrent"]])
