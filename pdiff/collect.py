@@ -42,6 +42,7 @@ from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
 from pdiff.runtime import ThreadPolicy
 from pdiff.tasks import Task
+from pdiff.tasks.networks import import_network
 from pdiff.tasks.data import Split
 
 
@@ -163,6 +164,8 @@ def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
     if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
         raise ConfigError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
     check_output_dir(cfg.dataset_dir, bool(cfg.overwrite), "parameter dataset")
+    if cfg.task.network.get("_target_"):  # the user named it: import it now, before the data is loaded
+        import_network(str(cfg.task.network._target_))
 
 
 def base_network(cfg: DictConfig, task: Task, accelerator: Accelerator) -> tuple[nn.Module, ParameterLayout, dict[str, torch.Tensor]]:

@@ -290,6 +290,34 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
     return cfg
 
 
+def task_of_dataset(stored: dict, overrides: Sequence[str], source: str) -> dict:
+    """The task a parameter dataset was made for, with the command line's `task.*` overrides applied.
+
+    A dataset carries its resolved task, so the stages after collection need no `task...` overrides,
+    only those that change something (say, where the data lives now). One that changes the network or
+    the generated parameters contradicts the checkpoints and is an error.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OmegaConf.create(stored)
+    for override in OverridesParser.create().parse_overrides([o for o in overrides if o.lstrip("+~").startswith("task")]):
+        key, value = override.key_or_group, override.value()
+        if key == "task":
+            if value != task.name:
+                raise ConfigError(f"{source} was collected for task {task.name!r}, not {value!r}: leave task= out, the dataset carries its task")
+            continue
+        path = key.removeprefix("task.")
+        current = OmegaConf.select(task, path, default=None)
+        current = OmegaConf.to_container(current) if OmegaConf.is_config(current) else current
+        if path.startswith(("network", "param.patterns")) and current != value:
+            raise ConfigError(f"{key}={value} contradicts {source}: its checkpoints come from {key}={current}, "
+                              "and a generator learns the network they were taken from")
+        OmegaConf.update(task, path, value, force_add=True)
+    task = OmegaConf.to_container(task)
+    validate(task, TaskSchema, prefix="task.")
+    return task
+
+
 def _open_network_key(override: str) -> str:
     """`task.network.<key>=v` adds or sets a keyword argument of the network: its keys are the network's
     own constructor's, so they cannot all be known in advance (Hydra would need `++` for a new one)."""

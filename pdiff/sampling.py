@@ -7,6 +7,8 @@ validation and test splits, so generated sets can be evaluated, compared or trai
 
 from __future__ import annotations
 
+import copy
+
 import shutil
 from pathlib import Path
 
@@ -22,9 +24,10 @@ from .runtime import resolve_device
 from .tasks import Task
 
 
-def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sampler: str | None = None, revision: str | None = None) -> PDiffPipeline:
+def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sampler: str | None = None, revision: str | None = None,
+                   trust_network_code: bool = False) -> PDiffPipeline:
     device = resolve_device(device)
-    pipe = PDiffPipeline.from_pretrained(model, revision=revision)
+    pipe = PDiffPipeline.from_pretrained(model, revision=revision, trust_network_code=trust_network_code)
     if sampler:
         pipe.scheduler = sampler_scheduler(sampler, pipe.scheduler.config)
     pipe.to(device)
@@ -34,10 +37,15 @@ def load_generator(model: str, device: str = "auto", dtype: str = "fp32", sample
     return pipe
 
 
-def task_of(pipe: PDiffPipeline) -> Task:
+def task_of(pipe: PDiffPipeline, data: str | None = None) -> Task:
+    """The generator's task; `data` says where its data is on this machine (an image folder or Hub id
+    for image-folder tasks, the data root for torchvision ones)."""
     if not pipe.target.config.task:
         raise ValueError("this generator stores no task spec, so its networks cannot be evaluated; evaluate them in your own code")
-    return Task(pipe.target.config.task)
+    task = copy.deepcopy(dict(pipe.target.config.task))
+    if data:
+        task["data"]["name" if task["data"].get("source") == "hub" else "root"] = data
+    return Task(task)
 
 
 def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task) -> ParameterDataset:

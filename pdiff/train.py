@@ -36,9 +36,9 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from pdiff.config import ConfigError, flatten, load_config, to_dict
+from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import Report, evaluate_and_write
 from pdiff.io import atomic_directory, output_lock, write_json
@@ -59,10 +59,11 @@ def main(argv: Sequence[str] | None = None) -> Report | None:
     """Train, select and report; returns the final report on the main process (None elsewhere)."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file otherwise
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = load_config(argv)
     check_environment(cfg)
     accelerator = make_accelerator(cfg)
-    dataset, task = load_parameter_dataset(cfg)  # read and checked before anything is written
+    dataset, task = load_parameter_dataset(cfg, argv)  # read and checked before anything is written
     lock = output_lock(cfg.output_dir, "train") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
         return train(cfg, accelerator, dataset, task)
@@ -164,15 +165,18 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
-def load_parameter_dataset(cfg: DictConfig) -> tuple[ParameterDataset, Task]:
+def load_parameter_dataset(cfg: DictConfig, overrides: Sequence[str]) -> tuple[ParameterDataset, Task]:
+    """The dataset and its own task (plus any `task.*` overrides that do not contradict it), which
+    replaces the composed `cfg.task`."""
     dataset = ParameterDataset.from_pretrained(cfg.dataset_dir)
     dataset.validate()  # NaN / Inf
     if len(dataset) < 2:
         raise ConfigError(f"{cfg.dataset_dir} holds {len(dataset)} checkpoint: a generator needs at least 2 to learn their spread; collect more (task.param.k)")
-    task = Task(cfg.task)
+    task_config = task_of_dataset(dataset.task_config, overrides, str(cfg.dataset_dir))
+    with open_dict(cfg):
+        cfg.task = task_config
+    task = Task(task_config)
     dataset.check_task(task)  # layout vs network
-    if dataset.task_config.get("name") != task.name:
-        raise ConfigError(f"{cfg.dataset_dir} was collected for task {dataset.task_config.get('name')!r}, not {task.name!r}: pass task={dataset.task_config.get('name')}")
     return dataset, task
 
 

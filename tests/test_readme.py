@@ -43,6 +43,8 @@ def pdiff_commands() -> list[list[str]]:
             found.append(argv[1:])
         elif argv[:2] == ["accelerate", "launch"] and "pdiff/train.py" in argv:
             found.append(["train", *argv[argv.index("pdiff/train.py") + 1 :]])
+        elif argv[:2] == ["accelerate", "launch"] and "pdiff.train" in argv:  # `-m pdiff.train`: an installed pdiff
+            found.append(["train", *argv[argv.index("pdiff.train") + 1 :]])
     return found
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pdiff.config import ConfigError
+from pdiff.config import ConfigError, load_config
 from pdiff.evaluation import Report
 from pdiff.train import main
 from pdiff.training.checkpoints import STATE_FILE, complete_checkpoints
@@ -179,8 +179,19 @@ def test_nan_in_the_dataset_is_refused(tmp_path, digits_params):
 
 
 def test_dataset_of_another_task_is_refused(tmp_path, digits_params):
-    with pytest.raises(ValueError, match="does not fit task"):
+    with pytest.raises(ValueError, match="was collected for task 'digits', not 'fake_cifar_resnet18': leave task= out"):
         run_train(tmp_path, digits_params, "task=fake_cifar_resnet18")
+    with pytest.raises(ValueError, match=r"task.network.widths=\[8, 16, 32\] contradicts"):
+        run_train(tmp_path, digits_params, "task.network.widths=[8,16,32]")
+
+
+def test_the_dataset_carries_its_task(tmp_path, digits_params):
+    """Train needs none of the collection's task overrides (the default composed task here is digits too,
+    but its stored, resolved config is the one used: a changed default would not leak in)."""
+    report = run_train(tmp_path, digits_params, "task.eval.batch_size=50")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["task"]["eval"]["batch_size"] == 50 and saved["task"]["param"]["k"] != load_config(["task=digits"]).task.param.k
+    assert report.generated.count == 6
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_params):

@@ -15,3 +15,8 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-network-code", action="store_true",
+                        help="allow a Hub generator or dataset whose network is user code (task.network._target_) to import that module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import positive_int
+from .arguments import add_trust_flag, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
     p.add_argument("--no-plots", action="store_true", help="write only report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
     check_writable(out)
     device = resolve_device(args.device)
-    originals = ParameterDataset.from_pretrained(args.dataset)
+    originals = ParameterDataset.from_pretrained(args.dataset, trust_network_code=args.trust_network_code)
     generated = load_generated(args.generated, originals)
     if Path(args.generated).is_file():
         print(f"note: {args.generated} is a bare tensor and names no network; pdiff checks its shape only. Make sure it was "

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import positive_int
+from .arguments import add_trust_flag, positive_int
 
 if TYPE_CHECKING:
     from ..data import ParameterDataset
@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
     p.add_argument("--dataset", default=None, help="with --evaluate: the original parameter dataset, for the full report (baselines, novelty)")
+    p.add_argument("--data", default=None, help="where the task's data is here (an image folder or Hub id; the data root for torchvision tasks): "
+                   "generators do not record the training machine's paths")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,13 +48,13 @@ def run(args: argparse.Namespace) -> None:
     if args.evaluate and args.dataset:
         check_output_dir(report_dir, args.overwrite, "report", flag="--overwrite")
     started = time.perf_counter()
-    pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision)
-    originals = against_originals(pipe, args.dataset) if args.evaluate and args.dataset else None
+    pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
+    originals = against_originals(pipe, args.dataset, args.trust_network_code) if args.evaluate and args.dataset else None
     check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
     params = sample_networks(pipe, args.num_models, args.steps, args.seed)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
-        generated = generated_dataset(pipe, params, args.seed, task_of(pipe))
+        generated = generated_dataset(pipe, params, args.seed, task_of(pipe, args.data))
     if args.format == "dataset":
         generated.save_to_disk(out, overwrite=args.overwrite)
     else:
@@ -63,12 +66,12 @@ def run(args: argparse.Namespace) -> None:
         print_accuracy(generated)
 
 
-def against_originals(pipe, dataset: str) -> "ParameterDataset":
+def against_originals(pipe, dataset: str, trust_network_code: bool) -> "ParameterDataset":
     """The original parameter dataset, refused now if the generator's network is not the one it holds."""
     from ..data import ParameterDataset
     from ..evaluation.inputs import check_base_network
 
-    originals = ParameterDataset.from_pretrained(dataset)
+    originals = ParameterDataset.from_pretrained(dataset, trust_network_code=trust_network_code)
     check_base_network(originals, pipe.layout, pipe.target.net.state_dict(), f"the generator {pipe.name_or_path or ''}".strip())
     return originals
 

@@ -26,6 +26,7 @@ from .. import hub
 from ..io import atomic_directory, read_json, write_json
 from ..params import LayoutMismatchError, ParameterLayout
 from ..tasks import Task
+from ..tasks.networks import check_network_trust
 
 METADATA_FILE = "pdiff_dataset.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
@@ -161,14 +162,21 @@ class ParameterDataset:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, revision: str | None = None, token: str | None = None) -> "ParameterDataset":
-        """Load from a folder written by `save_to_disk` / `save_for_hub`, or from a Hub dataset repo."""
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, revision: str | None = None, token: str | None = None,
+                        trust_network_code: bool = False) -> "ParameterDataset":
+        """Load from a folder written by `save_to_disk` / `save_for_hub`, or from a Hub dataset repo (whose
+        network, if it is user code, is built only with `trust_network_code=True`)."""
         folder = Path(path_or_repo)
         if not folder.exists():
             folder = hub.download(str(path_or_repo), repo_type="dataset", revision=revision, token=token, allow_patterns=hub.DATASET_DOWNLOAD_PATTERNS)
+            trusted = trust_network_code
         elif not folder.is_dir():
             raise InvalidParameterDatasetError(f"{folder} is a file; a parameter dataset is a folder written by `pdiff collect`")
-        return cls._load_folder(folder)
+        else:
+            trusted = True  # the user's own folder
+        dataset = cls._load_folder(folder)
+        check_network_trust(dataset.task_config.get("network") or {}, f"the parameter dataset {path_or_repo}", trusted)
+        return dataset
 
     @classmethod
     def _load_folder(cls, folder: Path) -> "ParameterDataset":

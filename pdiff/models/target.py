@@ -35,7 +35,7 @@ class TargetNetwork(SafetensorsOnly, ModelMixin, ConfigMixin):
         """Build from a `ParameterDataset`: its task's network, its layout, its base weights."""
         task = dataset.task
         data_spec = _data_spec(dataset)
-        target = cls(network=task.config["network"], layout=dataset.layout.to_dict(), task=dataset.task_config, **data_spec)
+        target = cls(network=task.config["network"], layout=dataset.layout.to_dict(), task=portable_task(dataset.task_config), **data_spec)
         target.net.load_state_dict(dataset.base_state, strict=True)
         return target
 
@@ -53,6 +53,24 @@ class TargetNetwork(SafetensorsOnly, ModelMixin, ConfigMixin):
         """Ready networks in eval mode, one per vector, on the CPU."""
         base = copy.deepcopy(self.net).cpu().eval()
         return [self.layout.load_into(copy.deepcopy(base), vector) for vector in vectors.detach().float().cpu().reshape(-1, self.layout.dim)]
+
+
+def portable_task(task: Mapping[str, Any]) -> dict:
+    """The task as a generator records it: without where the data lived on the training machine.
+
+    A generator travels (to the Hub, to a colleague); a local data folder does not. `data.root` is
+    dropped (the default data folder is used), and a local `data.name` (an image folder) becomes None:
+    evaluating such a generator then asks for the data (`pdiff sample --data`, `task.data.name=`).
+    """
+    import os
+
+    task = copy.deepcopy(dict(task))
+    data = task.get("data") or {}
+    data.pop("root", None)
+    name = data.get("name")
+    if data.get("source") == "hub" and isinstance(name, str) and (os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)):
+        data["name"] = None
+    return task
 
 
 def _data_spec(dataset) -> dict[str, int]:

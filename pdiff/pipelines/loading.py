@@ -18,6 +18,7 @@ from .. import hub
 from ..io import read_json
 from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
 from ..params import LayoutMismatchError
+from ..tasks.networks import NetworkImportError, check_network_trust
 
 
 class InvalidGeneratorError(ValueError):
@@ -82,6 +83,12 @@ def check_folder(path: Path) -> None:
         warnings.warn(f"ignoring pickle files in {path} (pdiff loads safetensors only): {pickles}", stacklevel=3)
 
 
+def check_network_code(path: Path, source: str, trusted: bool) -> None:
+    """The target network's `_target_`, if any, may be imported (see `check_network_trust`)."""
+    network = read_json(path / "target" / "config.json").get("network") or {}
+    check_network_trust(network, f"the generator {source}", trusted)
+
+
 def _stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes in a safetensors file; reading the header validates it against the file's size."""
     from safetensors import safe_open
@@ -117,6 +124,8 @@ def check_component_weights(component_dir: Path, cls) -> None:
             model = cls.from_config(cls.load_config(component_dir))
     except LayoutMismatchError as err:
         raise LayoutMismatchError(f"{component_dir / 'config.json'}: {err}") from err
+    except NetworkImportError as err:  # says what to install; wrapping it would bury that
+        raise NetworkImportError(f"{component_dir / 'config.json'}: {err}") from None
     except Exception as err:  # a config that does not build its class
         raise InvalidGeneratorError(f"{component_dir / 'config.json'} does not describe a valid {cls.__name__}: {err}") from err
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import hub
 from ..models import ParameterAutoencoder, TargetNetwork
 from ..params import LayoutMismatchError
-from .loading import InvalidGeneratorError, check_components, check_folder, check_weights, own_memory, resolve_folder
+from .loading import InvalidGeneratorError, check_components, check_folder, check_network_code, check_weights, own_memory, resolve_folder
 
 if TYPE_CHECKING:
     from ..evaluation import Report
@@ -75,16 +75,20 @@ class PDiffPipeline(DiffusionPipeline):
         ignored, and no code from the repository runs. Every component's weights must match its config
         exactly (no silently re-initialised tensors). `revision`, `cache_dir`, `token`, `local_files_only`
         and `force_download` select what to download; other keyword arguments (e.g. `torch_dtype`) go to
-        diffusers' loader.
+        diffusers' loader. A Hub generator whose network is user code (`_target_` outside pdiff and
+        torchvision) loads only with `trust_network_code=True`, since that imports the module it names.
         """
         for unsafe in ("custom_pipeline", "trust_remote_code", "custom_revision"):
             if kwargs.pop(unsafe, None):
                 raise ValueError(f"PDiffPipeline.from_pretrained does not take {unsafe}=: a pdiff generator never runs code from its repository")
         if kwargs.pop("use_safetensors", True) is False:
             raise ValueError("pdiff generators load from safetensors only (use_safetensors=False would unpickle weights)")
+        trust_network_code = bool(kwargs.pop("trust_network_code", False))
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies") if k in kwargs}
-        folder = resolve_folder(str(pretrained_model_name_or_path), **hub_kwargs)
+        name = str(pretrained_model_name_or_path)
+        folder = resolve_folder(name, **hub_kwargs)
         check_folder(folder)
+        check_network_code(folder, name, trusted=trust_network_code or Path(name).expanduser().is_dir())
         check_weights(folder)
         dtype = kwargs.pop("torch_dtype", None) if isinstance(kwargs.get("torch_dtype"), torch.dtype) else None
         try:

@@ -158,6 +158,9 @@ def _load_hub(cfg):
     """Any image-classification dataset from the Hub (by name) or a local folder, via `datasets.load_dataset`."""
     import datasets
 
+    if not cfg.get("name"):
+        raise DataNotFoundError("this task's images were a local folder on the machine that made it, and generators do not record "
+                                "where: pass the folder (or Hub id) with `--data PATH` or `task.data.name=PATH`")
     kwargs = {k: cfg[k] for k in ("revision", "data_dir") if cfg.get(k)}
     ds = datasets.load_dataset(cfg["name"], **kwargs)
     image_col, label_col = cfg.get("image_column", "image"), cfg.get("label_column", "label")

@@ -84,8 +84,8 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet1
 BUILTIN_PREFIXES = ("pdiff.", "torchvision.models.")
 
 
-class NetworkImportError(ImportError):
-    """A network's `_target_` cannot be imported, or is not a network."""
+class NetworkImportError(ImportError, ValueError):
+    """A network's `_target_` cannot be imported, or is not a network (bad input: one line on the CLI)."""
 
 
 def build_network(cfg: Mapping[str, Any], in_channels: int, num_classes: int) -> nn.Module:
@@ -115,28 +115,59 @@ def build_network(cfg: Mapping[str, Any], in_channels: int, num_classes: int) ->
 
 def import_network(path: str) -> Callable[..., Any]:
     """The class or function at `path` (`package.module.Name`), with errors that say what to install."""
-    from hydra.utils import get_object
-
     module = path.rpartition(".")[0]
     if not module:
         raise NetworkImportError(f"task.network._target_={path!r} is not an import path: use package.module.ClassName")
     try:
-        target = get_object(path)
-    except Exception as err:  # hydra wraps ImportError/AttributeError in its own exceptions
+        target = _locate(path)
+    except (ImportError, AttributeError) as err:
         raise NetworkImportError(
-            f"cannot import task.network._target_={path}: {str(err).splitlines()[0]}. "
+            f"cannot import task.network._target_={path}: {err}. "
             f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
         ) from None
     if not callable(target) or (isinstance(target, type) and not issubclass(target, nn.Module)):
-        raise NetworkImportError(f"task.network._target_={path} is a {type(target).__name__ if not isinstance(target, type) else target.__name__}, "
-                                 "not a torch.nn.Module class or a function that returns one")
+        raise NetworkImportError(f"task.network._target_={path} is not a torch.nn.Module class or a function that returns one")
     return target
 
 
-def is_builtin(network_cfg: Mapping[str, Any]) -> bool:
-    """Whether building this network imports only pdiff's or torchvision's own code."""
+class UntrustedNetworkError(PermissionError):
+    """A downloaded generator or dataset names network code the user has not vouched for."""
+
+
+def check_network_trust(network_cfg: Mapping[str, Any], source: str, trusted: bool) -> None:
+    """Refuse, before anything is imported, to build a downloaded network whose `_target_` is outside
+    pdiff and torchvision, unless the user passed `trust_network_code` (`--trust-network-code`).
+
+    Like transformers' `trust_remote_code`: importing a module runs its code. Local folders are the
+    user's own and are trusted; Hub repos are not.
+    """
     target = network_cfg.get("_target_")
-    return target is None or str(target).startswith(BUILTIN_PREFIXES)
+    if trusted or target is None or str(target).startswith(BUILTIN_PREFIXES):
+        return
+    module = str(target).rpartition(".")[0]
+    raise UntrustedNetworkError(
+        f"{source} builds its network with {target}, which would import the module {module!r} and run its code. "
+        "If you trust it, install that module and pass trust_network_code=True (CLI: --trust-network-code)"
+    )
+
+
+def _locate(path: str) -> Any:
+    """The object at a dotted path: the longest importable module prefix, then attributes (as Hydra's
+    `_target_` resolution does), with Python's own ImportError / AttributeError when it is not there."""
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as err:
+            if err.name != ".".join(parts[:cut]):  # the module exists but fails to import something itself
+                raise
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(f"No module named {parts[0]!r}", name=parts[0])
 
 
 def _parameters(factory: Callable[..., Any]) -> set[str]:
