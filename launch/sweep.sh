@@ -6,8 +6,8 @@
 #   launch/sweep.sh configs/sweeps/noise_grid.yaml --local                        # no server: pdiff sweep --local
 #   launch/sweep.sh configs/sweeps/noise_grid.yaml --dry-run
 #
-# Run from the repository root (a sweep's `program` is relative to it) after collecting the dataset the
-# sweep reads (e.g. `pdiff collect task=digits`). With several GPUs, agent i sees only GPU i
+# Run from the folder whose outputs/ holds the dataset the sweep reads (e.g. after `pdiff collect
+# task=digits`); trials run the installed pdiff (`accelerate launch -m pdiff.train`), so any folder works. With several GPUs, agent i sees only GPU i
 # (CUDA_VISIBLE_DEVICES), so the agents' trials run side by side.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -68,14 +68,13 @@ def _agent_command(config: dict, run_args: dict, run_id: str, monkeypatch) -> li
         monkeypatch.setenv(key, "")
     agent = wandb_agent.Agent(api=None, queue=None)
     agent._sweep_command = list(config["command"])
-    agent._command_run({"type": "run", "run_id": run_id, "program": config["program"], "args": run_args})
+    agent._command_run({"type": "run", "run_id": run_id, "program": config.get("program"), "args": run_args})
     return started["command"]
 
 
 @pytest.fixture
 def sweep_dir(tmp_path, digits_params):
-    """A working folder laid out like the repository root for a sweep: pdiff/ (link) and the digits dataset."""
-    (tmp_path / "pdiff").symlink_to(REPO_ROOT / "pdiff")
+    """A working folder outside the repository (trials run the installed pdiff) holding the digits dataset."""
     shutil.copytree(digits_params, tmp_path / "outputs" / "digits" / "params")
     return tmp_path
 
@@ -86,10 +85,10 @@ def sweep_dir(tmp_path, digits_params):
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
 def test_sweep_file_is_a_valid_wandb_sweep(path):
     config = load_sweep_config(path)  # includes W&B's JSON-schema check where `sweeps` is installed
-    assert config["program"] == "pdiff/train.py" and (REPO_ROOT / config["program"]).is_file()
+    assert "program" not in config  # trials run the installed pdiff (`-m pdiff.train`), from any folder
     assert config["metric"]["goal"] == "maximize"
     # Macros must be whole list elements (the agent substitutes nothing else); each trial its own folder.
-    assert config["command"][:3] == ["accelerate", "launch", "${program}"]
+    assert config["command"][:4] == ["accelerate", "launch", "-m", "pdiff.train"]
     assert "${args_no_hyphens}" in config["command"] and OUTPUT_TEMPLATE in config["command"]
 
 
@@ -105,7 +104,7 @@ def test_every_sampled_trial_composes_a_pdiff_config(path, monkeypatch):
     params = _sample(config)
     argv = expand_command(config, params)
     monkeypatch.setenv("WANDB_RUN_ID", "r1")
-    cfg = load_config(script_overrides(argv, config["program"]))
+    cfg = load_config(script_overrides(argv, config.get("program")))
     assert cfg.output_dir == "outputs/sweeps/local/r1"
     for key, spec in params.items():
         value = cfg.task.name if key == "task" else OmegaConf.select(cfg, key)
@@ -142,7 +141,7 @@ def test_agent_command_runs_a_trial(sweep_dir, monkeypatch):
     run_id = "trial0001"
 
     argv = _agent_command(config, run_args, run_id, monkeypatch)
-    expected = ["accelerate", "launch", "pdiff/train.py", OUTPUT_TEMPLATE] + [f"{k}={v['value']}" for k, v in run_args.items()]
+    expected = ["accelerate", "launch", "-m", "pdiff.train", OUTPUT_TEMPLATE] + [f"{k}={v['value']}" for k, v in run_args.items()]
     assert argv == expected
     assert argv == expand_command(config, run_args)  # pdiff's expansion is the agent's
     latent_noise = params["generator.autoencoder.latent_noise"]["value"]

@@ -98,6 +98,22 @@ def test_local_image_folder_through_load_dataset(tmp_path):
     assert load_data({"source": "hub", "name": str(tmp_path), "val_size": 4, "image_size": 8}).image_shape == (3, 8, 8)
 
 
+def test_saved_dataset_dict_and_val_size_fraction(tmp_path):
+    """A DatasetDict written by `save_to_disk` loads like a Hub dataset; val_size below 1 is a fraction."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    def split(n):
+        images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L") for _ in range(n)]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+        return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(n)]}, features=features)
+    datasets.DatasetDict({"train": split(30), "test": split(9)}).save_to_disk(str(tmp_path / "saved"))
+    data = load_data({"source": "hub", "name": str(tmp_path / "saved"), "val_size": 0.2})
+    assert (len(data.train), len(data.val), len(data.test)) == (24, 6, 9)
+    assert data.image_shape == (1, 8, 8) and data.num_classes == 3
+
+
 def test_bad_data_and_network_configs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown data source 'ftp'"):
         load_data({"source": "ftp"})

@@ -162,7 +162,11 @@ def _load_hub(cfg):
         raise DataNotFoundError("this task's images were a local folder on the machine that made it, and generators do not record "
                                 "where: pass the folder (or Hub id) with `--data PATH` or `task.data.name=PATH`")
     kwargs = {k: cfg[k] for k in ("revision", "data_dir") if cfg.get(k)}
-    ds = datasets.load_dataset(cfg["name"], **kwargs)
+    saved = Path(os.path.expanduser(cfg["name"]))
+    if (saved / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
+        ds = datasets.load_from_disk(str(saved))
+    else:  # a Hub id, or a local folder load_dataset reads (imagefolder, csv, parquet, ...)
+        ds = datasets.load_dataset(cfg["name"], **kwargs)
     image_col, label_col = cfg.get("image_column", "image"), cfg.get("label_column", "label")
     test_split = cfg.get("test_split", "test")
     if test_split not in ds:
