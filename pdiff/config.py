@@ -100,12 +100,15 @@ class TaskSchema:
 
 @dataclass(kw_only=True)
 class AutoencoderSchema:
-    channels: list[int] = rule()
+    type: str = rule(choices=("conv", "tokens"), default="conv")  # see pdiff.models.AUTOENCODERS
     latent_channels: int = rule(ge=1)
     input_noise: float = rule(ge=0)
     latent_noise: float = rule(ge=0)
-    norm_groups: int = rule(ge=1)
     normalization: str = rule(choices=("residual", "tensor"))
+    channels: Optional[list[int]] = rule(**OPTIONAL)  # conv: encoder widths
+    norm_groups: Optional[int] = rule(ge=1, **OPTIONAL)  # conv
+    chunk_size: Optional[int] = rule(ge=1, **OPTIONAL)  # tokens: numbers per token
+    hidden: Optional[int] = rule(ge=1, **OPTIONAL)  # tokens: MLP width
 
 
 @dataclass(kw_only=True)

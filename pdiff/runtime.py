@@ -33,6 +33,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free now: on the GPU, the CUDA driver's count; on the CPU, what the OS can give without swapping."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast is fast here: CUDA GPUs with bf16 units, CPUs with AVX512-BF16 or AMX. Elsewhere
     bf16 is emulated and slower than float32. (On the 2-core AVX512-BF16 machine of the README it made the

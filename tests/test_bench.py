@@ -27,6 +27,8 @@ def test_bench_pipeline_writes_json(tmp_path, run_cli):
     assert phases["collect"]["checkpoints"] == 12 and phases["autoencoder"]["steps"] == 8 and phases["diffusion"]["steps"] == 8
     assert phases["sampling_ddim"]["steps"] == 4 and phases["sampling_ddpm"]["steps"] == 20
     assert phases["evaluation_batched_vs_one_by_one"]["identical"] is True
+    stages = ("collect", "train_total", "sampling_ddim", "evaluation")
+    assert result["pipeline_seconds"] == pytest.approx(sum(phases[name]["seconds"] for name in stages), abs=0.02)
     # the outcome is the saved generator's own report, number for number
     report = json.loads((tmp_path / "work" / "generator" / "report.json").read_text())
     outcome = result["outcome"]

@@ -103,3 +103,68 @@ def _small_cnn():
     from pdiff.tasks import build_network
 
     return build_network({"name": "small_cnn", "widths": [4, 8, 8]}, in_channels=1, num_classes=10)
+
+
+# -- the token autoencoder (whole networks) ----------------------------------------------------------
+
+
+def test_tokens_never_cross_a_tensor_boundary():
+    from pdiff.models.token_autoencoder import chunk_index
+
+    sizes = [35, 7, 21, 64, 65]
+    index = chunk_index(sizes, chunk_size=16)
+    ends = torch.tensor(sizes).cumsum(0)
+    for row in index:
+        positions = row[row < sum(sizes)]
+        tensors = torch.bucketize(positions, ends, right=True)
+        assert len(positions) > 0 and (tensors == tensors[0]).all()
+    # every position appears exactly once, in order
+    assert torch.equal(index.flatten()[index.flatten() < sum(sizes)], torch.arange(sum(sizes)))
+    assert len(index) == sum((s + 15) // 16 for s in sizes)
+
+
+def test_token_autoencoder_round_trip_shapes_and_learning():
+    from pdiff.models import TokenAutoencoder
+
+    vectors, layout = _checkpoints(32)
+    ae = TokenAutoencoder(param_dim=layout.dim, tensor_sizes=[s.numel for s in layout.slots], chunk_size=8, hidden=32, latent_channels=8)
+    ae.fit_normalization(vectors, layout)
+    latents = ae.params_to_latents(vectors)
+    assert latents.shape == (32, *ae.latent_shape) and ae.latent_shape[1] % 8 == 0
+    assert latents[:, :, ae.num_tokens :].abs().sum() == 0  # padding tokens are zero
+    assert ae.latents_to_params(latents).shape == vectors.shape
+    optimizer = torch.optim.Adam(ae.parameters(), lr=3e-3)
+    x = ae.normalize(vectors)
+    first = None
+    for _ in range(150):
+        loss = (ae(x).reconstruction - x).pow(2).mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first  # it learns to reconstruct (8 numbers per token kept: no compression to hide behind)
+
+
+def test_token_autoencoder_save_load_and_layout_checks(tmp_path):
+    from pdiff.models import TokenAutoencoder
+
+    vectors, layout = _checkpoints()
+    ae = TokenAutoencoder(param_dim=layout.dim, tensor_sizes=[s.numel for s in layout.slots], chunk_size=8, hidden=16).eval()
+    ae.fit_normalization(vectors, layout)
+    ae.save_pretrained(tmp_path / "ae")
+    loaded = TokenAutoencoder.from_pretrained(tmp_path / "ae").eval()
+    assert torch.equal(ae.params_to_latents(vectors), loaded.params_to_latents(vectors))
+    assert sorted(p.name for p in (tmp_path / "ae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(ValueError, match="for another layout"):
+        TokenAutoencoder(param_dim=layout.dim, tensor_sizes=[35, 7])
+    with pytest.raises(ValueError, match="chunk_size"):
+        TokenAutoencoder(param_dim=layout.dim, tensor_sizes=[35, 7, 21], chunk_size=0)
+
+
+def test_token_activation_memory_grows_with_d_over_chunk_and_conv_with_d_times_width():
+    from pdiff.models import TokenAutoencoder
+
+    sizes = [300_000]
+    tokens = TokenAutoencoder(param_dim=300_000, tensor_sizes=sizes, chunk_size=64, hidden=128)
+    conv = ParameterAutoencoder(param_dim=300_000, channels=[64, 128, 256, 256])
+    assert tokens.activation_bytes(50) < 8 * 2**30 < conv.activation_bytes(50)

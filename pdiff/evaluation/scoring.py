@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +24,7 @@ from torch.func import functional_call, vmap
 
 from ..data import ParameterDataset
 from ..params import ParameterLayout
-from ..runtime import resolve_device, synchronize
+from ..runtime import free_memory, resolve_device, synchronize
 from ..tasks import Task
 from ..tasks.data import Split
 from ..tasks.networks import StagedNetwork
@@ -91,6 +90,7 @@ class SuffixScorer:
         else:  # unknown architecture: no shared prefix, vmap over the whole network
             self.prefix, self.suffix, self.key, self.head = nn.Identity(), network, "", None
         self.batched = vmap(self._suffix_logits, in_dims=(0, None))
+        self._activation: int | None = None
 
     def features(self, split: Split, prepare: Callable[[torch.Tensor], torch.Tensor], batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(prefix output, labels) for every image batch of `split`: what all networks share."""
@@ -115,9 +115,28 @@ class SuffixScorer:
         """As many networks per chunk as keep the chunk's temporaries within `chunk_budget`."""
         if self.head is not None:  # the closed form keeps a few [channels, batch, networks] arrays
             per_network = 6 * 4 * features.shape[1] * len(features)
-        else:  # vmap materialises a few copies of the suffix's activations per network
-            per_network = 4 * 4 * features.numel()
+        else:  # vmap materialises a few copies of the suffix's largest activation per network
+            per_network = 4 * 4 * len(features) * self._largest_activation(features)
         return max(1, min(1024, chunk_budget(device) // per_network))
+
+    def _largest_activation(self, features: torch.Tensor) -> int:
+        """Numbers in the largest output one image produces inside the suffix (measured once, on one image):
+        a whole network's first convolutions are far larger than its input."""
+        if self._activation is None:
+            sizes = [features[0].numel()]
+
+            def record(module, inputs, output):
+                if isinstance(output, torch.Tensor):
+                    sizes.append(output[0].numel())
+
+            hooks = [m.register_forward_hook(record) for m in self.suffix.modules() if not list(m.children())]
+            try:
+                self.suffix(features[:1])
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._activation = max(sizes)
+        return self._activation
 
 
 @torch.no_grad()
@@ -170,12 +189,10 @@ def chunk_budget(device: torch.device) -> int:
     """Bytes one chunk of networks may use: a quarter of free accelerator memory, or on CPU a size
     that keeps the allocator reusing memory instead of faulting in fresh pages."""
     if device.type == "cuda":
-        return _free_memory(device) // 4
-    return min(256 * 2**20, _free_memory(device) // 8)
+        return free_memory(device) // 4
+    return min(256 * 2**20, free_memory(device) // 8)
 
 
-def _free_memory(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
 @torch.no_grad()
@@ -263,7 +280,7 @@ class NetworkEvaluator:
             return self._features[split]
         batches = self.scorer.features(self.splits[split], self.prepare, self.batch_size, self.device)
         size = sum(f.numel() * f.element_size() for f, _ in batches)
-        if size <= _free_memory(self.device) // 4:
+        if size <= free_memory(self.device) // 4:
             self._features[split] = batches
         return batches
 

@@ -39,55 +39,17 @@ def _block(c_in: int, c_out: int, groups: int, conv: nn.Module) -> nn.Sequential
     return nn.Sequential(nn.GroupNorm(math.gcd(groups, c_in), c_in), nn.SiLU(), conv)
 
 
-class ParameterAutoencoder(SafetensorsOnly, ModelMixin, ConfigMixin):
-    """Encode [B, D] parameter vectors into latents [B, latent_channels, latent_length] and back.
+class ParameterCodec(SafetensorsOnly, ModelMixin, ConfigMixin):
+    """What every parameter autoencoder shares: per-position normalisation (buffers `shift`, `scale`,
+    saved with the weights), the noise-augmented forward pass of p-diff, and the latent interface the
+    diffusion model uses. Subclasses define `encode`, `decode` and `latent_shape`; their config holds
+    `param_dim`, `input_noise`, `latent_noise`, `scaling_factor` and `normalization`."""
 
-    Each conv block halves the length; the vector is zero-padded so that the latent length is a
-    multiple of `length_multiple` (the UNet1D denoiser needs it divisible by 2^(down blocks - 1)).
-    Per-tensor normalisation statistics (`shift`, `scale`, one value per position) are buffers, so they
-    are saved with the weights and `decode` returns parameters in their original units.
-    """
-
-    @register_to_config
-    def __init__(
-        self,
-        param_dim: int,
-        channels: Sequence[int] = (64, 128, 256),
-        latent_channels: int = 4,
-        input_noise: float = 1e-3,
-        latent_noise: float = 1e-1,
-        norm_groups: int = 8,
-        length_multiple: int = 8,
-        scaling_factor: float = 1.0,
-        normalization: str = "residual",
-    ):
-        super().__init__()
+    def _init_normalization(self, param_dim: int, normalization: str) -> None:
         if normalization not in ("residual", "tensor"):
             raise ValueError(f"normalization={normalization!r}: use 'residual' or 'tensor'")
-        channels = list(channels)
-        stride_total = 2 ** len(channels)
-        unit = stride_total * length_multiple
-        self.padded_dim = math.ceil(param_dim / unit) * unit
         self.register_buffer("shift", torch.zeros(param_dim))
         self.register_buffer("scale", torch.ones(param_dim))
-
-        enc: list[nn.Module] = [nn.Conv1d(1, channels[0], 3, padding=1)]
-        widths = [channels[0], *channels]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            enc.append(_block(c_in, c_out, norm_groups, nn.Conv1d(c_in, c_out, 4, stride=2, padding=1)))
-        enc.append(_block(channels[-1], latent_channels, norm_groups, nn.Conv1d(channels[-1], latent_channels, 3, padding=1)))
-        self.encoder = nn.Sequential(*enc)
-
-        dec: list[nn.Module] = [nn.Conv1d(latent_channels, channels[-1], 3, padding=1)]
-        rev = widths[::-1]
-        for c_in, c_out in zip(rev[:-1], rev[1:]):
-            dec.append(_block(c_in, c_out, norm_groups, nn.ConvTranspose1d(c_in, c_out, 4, stride=2, padding=1)))
-        dec.append(_block(channels[0], 1, norm_groups, nn.Conv1d(channels[0], 1, 3, padding=1)))
-        self.decoder = nn.Sequential(*dec)
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        return self.config.latent_channels, self.padded_dim // 2 ** len(self.config.channels)
 
     # -- normalisation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -120,19 +82,6 @@ class ParameterAutoencoder(SafetensorsOnly, ModelMixin, ConfigMixin):
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
 
-    # -- encoder / decoder on normalised vectors -------------------------------------------
-    def encode(self, x: torch.Tensor, add_noise: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised vectors [B, D] -> latents [B, C, L]; input noise is added in training mode by default."""
-        add_noise = self.training if add_noise is None else add_noise
-        if add_noise and self.config.input_noise > 0:
-            x = x + _noise_like(x, generator) * self.config.input_noise
-        x = nn.functional.pad(x, (0, self.padded_dim - x.shape[-1]))
-        return self.encoder(x.unsqueeze(1))
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, L] -> normalised vectors [B, D]."""
-        return self.decoder(latent).squeeze(1)[:, : self.config.param_dim]
-
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> AutoencoderOutput:
         """Encode and decode; in training mode with the input and latent noise of the config."""
         latent = self.encode(x, generator=generator)
@@ -151,3 +100,71 @@ class ParameterAutoencoder(SafetensorsOnly, ModelMixin, ConfigMixin):
     def latents_to_params(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> raw parameter vectors (float32)."""
         return self.denormalize(self.decode(latents / self.config.scaling_factor).float())
+
+
+class ParameterAutoencoder(ParameterCodec):
+    """Encode [B, D] parameter vectors into latents [B, latent_channels, latent_length] and back.
+
+    Each conv block halves the length; the vector is zero-padded so that the latent length is a
+    multiple of `length_multiple` (the UNet1D denoiser needs it divisible by 2^(down blocks - 1)).
+    Per-tensor normalisation statistics (`shift`, `scale`, one value per position) are buffers, so they
+    are saved with the weights and `decode` returns parameters in their original units.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        param_dim: int,
+        channels: Sequence[int] = (64, 128, 256),
+        latent_channels: int = 4,
+        input_noise: float = 1e-3,
+        latent_noise: float = 1e-1,
+        norm_groups: int = 8,
+        length_multiple: int = 8,
+        scaling_factor: float = 1.0,
+        normalization: str = "residual",
+    ):
+        super().__init__()
+        self._init_normalization(param_dim, normalization)
+        channels = list(channels)
+        stride_total = 2 ** len(channels)
+        unit = stride_total * length_multiple
+        self.padded_dim = math.ceil(param_dim / unit) * unit
+
+        enc: list[nn.Module] = [nn.Conv1d(1, channels[0], 3, padding=1)]
+        widths = [channels[0], *channels]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            enc.append(_block(c_in, c_out, norm_groups, nn.Conv1d(c_in, c_out, 4, stride=2, padding=1)))
+        enc.append(_block(channels[-1], latent_channels, norm_groups, nn.Conv1d(channels[-1], latent_channels, 3, padding=1)))
+        self.encoder = nn.Sequential(*enc)
+
+        dec: list[nn.Module] = [nn.Conv1d(latent_channels, channels[-1], 3, padding=1)]
+        rev = widths[::-1]
+        for c_in, c_out in zip(rev[:-1], rev[1:]):
+            dec.append(_block(c_in, c_out, norm_groups, nn.ConvTranspose1d(c_in, c_out, 4, stride=2, padding=1)))
+        dec.append(_block(channels[0], 1, norm_groups, nn.Conv1d(channels[0], 1, 3, padding=1)))
+        self.decoder = nn.Sequential(*dec)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.config.latent_channels, self.padded_dim // 2 ** len(self.config.channels)
+
+    # -- encoder / decoder on normalised vectors -------------------------------------------
+    def encode(self, x: torch.Tensor, add_noise: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised vectors [B, D] -> latents [B, C, L]; input noise is added in training mode by default."""
+        add_noise = self.training if add_noise is None else add_noise
+        if add_noise and self.config.input_noise > 0:
+            x = x + _noise_like(x, generator) * self.config.input_noise
+        x = nn.functional.pad(x, (0, self.padded_dim - x.shape[-1]))
+        return self.encoder(x.unsqueeze(1))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, L] -> normalised vectors [B, D]."""
+        return self.decoder(latent).squeeze(1)[:, : self.config.param_dim]
+
+    def activation_bytes(self, batch: int) -> int:
+        """A rough upper bound of one training step's activation memory (forward + backward), float32:
+        every block keeps ~3 tensors of width x length, in the encoder and the decoder."""
+        widths = [self.config.channels[0], *self.config.channels]
+        per_sample = sum(3 * c * (self.padded_dim >> i) for i, c in enumerate(widths))
+        return 4 * 2 * 2 * batch * per_sample

@@ -16,7 +16,7 @@ import torch
 
 from .. import hub
 from ..io import read_json
-from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
+from ..models import ParameterAutoencoder, TargetNetwork, TokenAutoencoder, UNet1DModel
 from ..params import LayoutMismatchError
 from ..tasks.networks import NetworkImportError, check_network_trust
 
@@ -31,7 +31,8 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 # The classes a generator's model_index.json may name: anything else would make diffusers import and
 # call arbitrary installed code on behalf of the repository.
 ALLOWED_CLASSES = {
-    "autoencoder": {("pdiff.models.autoencoder", "ParameterAutoencoder"), ("pdiff.models", "ParameterAutoencoder")},
+    "autoencoder": {("pdiff.models.autoencoder", "ParameterAutoencoder"), ("pdiff.models", "ParameterAutoencoder"),
+                    ("pdiff.models.token_autoencoder", "TokenAutoencoder"), ("pdiff.models", "TokenAutoencoder")},
     "unet": {("pdiff.models.unet", "UNet1DModel"), ("diffusers", "UNet1DModel")},  # the second: generators saved by earlier pdiff versions
     "target": {("pdiff.models.target", "TargetNetwork"), ("pdiff.models", "TargetNetwork")},
 }
@@ -102,7 +103,8 @@ def _stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 def check_weights(folder: Path) -> None:
     """Every component's safetensors must hold exactly the tensors its config.json builds (see `check_component_weights`)."""
-    classes = {"autoencoder": ParameterAutoencoder, "unet": UNet1DModel, "target": TargetNetwork}
+    autoencoder = TokenAutoencoder if read_json(folder / "model_index.json")["autoencoder"][1] == "TokenAutoencoder" else ParameterAutoencoder
+    classes = {"autoencoder": autoencoder, "unet": UNet1DModel, "target": TargetNetwork}
     for name in WEIGHT_COMPONENTS:
         check_component_weights(folder / name, classes[name])
 
@@ -145,6 +147,10 @@ def check_components(autoencoder: ParameterAutoencoder, unet: UNet1DModel, targe
     """The components must fit together: the layout's size is the autoencoder's, the UNet sees its latent."""
     if autoencoder.config.param_dim != target.layout.dim:
         raise LayoutMismatchError(f"the autoencoder generates {autoencoder.config.param_dim} numbers but the target layout has {target.layout.dim}")
+    sizes = getattr(autoencoder.config, "tensor_sizes", None)
+    if sizes is not None and list(sizes) != [slot.numel for slot in target.layout.slots]:
+        raise LayoutMismatchError(f"the autoencoder's tokens follow tensors of sizes {list(sizes)[:6]}..., the target layout's are "
+                                  f"{[slot.numel for slot in target.layout.slots][:6]}...: it was built for another layout")
     channels, length = autoencoder.latent_shape
     if (unet.config.in_channels, unet.config.out_channels) != (channels, channels):
         raise InvalidGeneratorError(f"the UNet maps {unet.config.in_channels} -> {unet.config.out_channels} channels but the latent has {channels}")
