@@ -213,12 +213,84 @@ def _train_at_once(overrides: list[str], root: Path, processes: int) -> list[dic
     return [json.loads((root / f"run-{i}" / "timings.json").read_text()) for i in range(processes)]
 
 
+# -- memory by D: how the generator's cost grows with the number of generated parameters -----------------
+
+MEMORY_GENERATORS = {"conv_paper": "paper", "conv_default": "default", "tokens": "tokens"}
+
+
+def bench_memory_by_dim(dims: Sequence[int], batch: int, steps: int = 2) -> list[dict[str, Any]]:
+    """Peak RSS and seconds per step of one autoencoder step and one diffusion step, for each generator
+    and D, each in a fresh process (so each peak is its own). Synthetic vectors of a CNN-like layout;
+    a configuration whose estimated activations exceed free memory is reported, not run."""
+    rows = []
+    for dim in dims:
+        for name, generator in MEMORY_GENERATORS.items():
+            for phase in ("autoencoder", "diffusion"):
+                code = ("import json; from pdiff.benchmark import step_figures; "
+                        f"print(json.dumps(step_figures({generator!r}, {int(dim)}, {int(batch)}, {phase!r}, {int(steps)})))")
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr.strip().splitlines()[-1:]}
+                rows.append({"generator": name, "dim": int(dim), "batch": int(batch), "phase": phase, **row})
+    return rows
+
+
+def step_figures(generator: str, dim: int, batch: int, phase: str, steps: int) -> dict[str, Any]:
+    """Time `steps` training steps (after one warm-up) of one phase at D = `dim` in this process."""
+    from .config import load_config, to_dict
+    from .models import AUTOENCODERS
+    from .params import ParameterLayout
+    from .runtime import free_memory
+    from .training.losses import autoencoder_loss, diffusion_loss
+
+    cfg = load_config([f"generator={generator}"]).generator
+    kwargs = {k: v for k, v in to_dict(cfg.autoencoder).items() if v is not None}
+    kind = kwargs.pop("type", "conv")
+    sizes = [dim * 6 // 10, dim * 3 // 10, dim // 20]  # a few large tensors and a small one, as in a CNN
+    sizes.append(dim - sum(sizes))
+    layout = ParameterLayout([f"t{i}" for i in range(len(sizes))], [[n] for n in sizes])
+    if kind == "tokens":
+        kwargs["tensor_sizes"] = sizes
+    ae = AUTOENCODERS[kind](param_dim=dim, **kwargs)
+    estimate = ae.activation_bytes(batch)
+    if estimate > 0.75 * free_memory(torch.device("cpu")):  # leave room: the machine must not swap
+        return {"skipped": f"needs about {estimate / 2**30:.1f} GiB, more than three quarters of the free memory"}
+    generator_ = torch.Generator().manual_seed(0)
+    vectors = torch.randn(batch, dim, generator=generator_)
+    ae.fit_normalization(vectors, layout)
+    if phase == "autoencoder":
+        model, loss_fn, x = ae.train(), autoencoder_loss, ae.normalize(vectors)
+    else:
+        from diffusers import DDPMScheduler
+
+        from .models import build_unet
+
+        x = ae.eval().params_to_latents(vectors)
+        model = build_unet(*ae.latent_shape, **to_dict(cfg.unet)).train()
+        scheduler = DDPMScheduler(**to_dict(cfg.scheduler))
+        loss_fn = lambda m, latents, g: diffusion_loss(m, scheduler, latents, g)  # noqa: E731
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        loss = loss_fn(model, x, generator_)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return {"seconds_per_step": round(sum(times[1:]) / steps, 3), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "estimated_activation_mb": round(estimate / 2**20, 1), "model_parameters": sum(p.numel() for p in model.parameters())}
+
+
 def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dataset: str | None, device: str, num_models: int, steps: int | None,
-                  workdir: str | None, concurrent: int | None = None, reference: int | None = None) -> dict[str, Any]:
+                  workdir: str | None, concurrent: int | None = None, reference: int | None = None, memory_dims: Sequence[int] | None = None,
+                  batch: int = 50) -> dict[str, Any]:
     """The JSON `pdiff bench` prints: the whole pipeline on `task`, sampling + evaluation of `model`, or
     (`concurrent`) training throughput alone against several runs at once."""
     device = resolve_device(device)
     result: dict[str, Any] = {"pdiff_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(device)}
+    if memory_dims:
+        result.update(mode="memory_by_dim", batch=batch, rows=bench_memory_by_dim(memory_dims, batch))
+        return result
     if concurrent:
         with tempfile.TemporaryDirectory(prefix="pdiff-bench-") as tmp:
             result.update(mode="concurrent", task=task, overrides=list(overrides), **bench_concurrent(task, overrides, Path(workdir or tmp), concurrent))

@@ -6,6 +6,7 @@
     pdiff bench train.ae_steps=50 train.diffusion_steps=50 task.param.k=20     # a tiny budget
     pdiff bench --model outputs/digits/generator --reference 10      # against the original procedure, scaled to 200
     pdiff bench --concurrent 4 train.ae_steps=300 train.diffusion_steps=300   # 1 training alone vs 4 at once
+    pdiff bench --memory-by-dim 24000 100000 300000     # whole networks: memory and s/step by D, conv vs tokens
 
 Speed and memory are measured here, never asserted in tests. Peak memory is the process's resident
 set (and the CUDA allocator's peak on a GPU) at the end of each phase.
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--reference", type=positive_int, default=None, metavar="N", help="also time the original procedure (batch-1 DDPM chains, one-by-one scoring) on N networks, scaled to --num-models")
     p.add_argument("--concurrent", type=positive_int, default=None, metavar="N", help="measure training alone, then N trainings at once (threads policy under contention)")
+    p.add_argument("--memory-by-dim", type=positive_int, nargs="+", default=None, metavar="D",
+                   help="peak memory and s/step of one autoencoder and one diffusion step at each D, conv vs token autoencoder (synthetic vectors)")
+    p.add_argument("--batch", type=positive_int, default=50, help="with --memory-by-dim: the training batch (default 50, the paper's)")
     p.add_argument("--workdir", default=None, help="keep the run's dataset and generator here (default: a temporary folder)")
     add_overrides(p)
 
@@ -39,7 +43,8 @@ def run(args: argparse.Namespace) -> dict:
     from ..io import write_text
 
     result = run_benchmark(args.task, args.overrides, model=args.model, dataset=args.dataset, device=args.device,
-                           num_models=args.num_models, steps=args.steps, workdir=args.workdir, concurrent=args.concurrent, reference=args.reference)
+                           num_models=args.num_models, steps=args.steps, workdir=args.workdir, concurrent=args.concurrent, reference=args.reference,
+                           memory_dims=args.memory_by_dim, batch=args.batch)
     text = json.dumps(result, indent=2)
     if args.out:
         write_text(args.out, text + "\n")

@@ -163,8 +163,8 @@ class ParameterAutoencoder(ParameterCodec):
         return self.decoder(latent).squeeze(1)[:, : self.config.param_dim]
 
     def activation_bytes(self, batch: int) -> int:
-        """A rough upper bound of one training step's activation memory (forward + backward), float32:
-        every block keeps ~3 tensors of width x length, in the encoder and the decoder."""
+        """One training step's peak memory, roughly: 1.2 float32 tensors of width x length per encoder block
+        and sample (calibrated on a measured 20.5 GB for channels (64, 128, 256, 256), batch 50, D = 300k)."""
         widths = [self.config.channels[0], *self.config.channels]
-        per_sample = sum(3 * c * (self.padded_dim >> i) for i, c in enumerate(widths))
-        return 4 * 2 * 2 * batch * per_sample
+        per_sample = sum(c * (self.padded_dim >> i) for i, c in enumerate(widths))
+        return int(4 * 1.2 * batch * per_sample)
