@@ -229,7 +229,12 @@ def bench_memory_by_dim(dims: Sequence[int], batch: int, steps: int = 2) -> list
                 code = ("import json; from pdiff.benchmark import step_figures; "
                         f"print(json.dumps(step_figures({generator!r}, {int(dim)}, {int(batch)}, {phase!r}, {int(steps)})))")
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr.strip().splitlines()[-1:]}
+                if proc.returncode == 0:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                elif proc.returncode < 0:  # the kernel's OOM killer sends SIGKILL and leaves no message
+                    row = {"error": f"killed by signal {-proc.returncode} (out of memory, when it is 9)"}
+                else:
+                    row = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
                 rows.append({"generator": name, "dim": int(dim), "batch": int(batch), "phase": phase, **row})
     return rows
 

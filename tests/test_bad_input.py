@@ -39,6 +39,7 @@ CONFIG_CASES = [
     ("collect task=custom task.network._target_=collections.OrderedDict task.data.name={tmp} task.param.patterns=[fc.*]",
      "task.network._target_=collections.OrderedDict is not a torch.nn.Module class"),
     ("collect task.network._target_=torchvision.models.resnet18", "task.network names both name='small_cnn' and _target_"),
+    ("train generator=tokens generator.autoencoder.chunk_size=0", "generator.autoencoder.chunk_size=0: must be >= 1"),
     ("collect task.data.val_size=0", "task.data.val_size=0: must be > 0"),
     ("collect task.data.val_size=2.5", "task.data.val_size=2.5: give a whole number of images or a fraction below 1"),
     ("collect task.data.source=ftp", "task.data.source=ftp: choose one of digits, torchvision, hub, fake"),

@@ -70,3 +70,14 @@ def test_bench_concurrent_compares_one_run_with_several(tmp_path, run_cli):
         total = sum(run[phase]["steps_per_s"] for run in result["concurrent"])
         assert result["aggregate_ratio"][phase] == pytest.approx(total / solo[phase]["steps_per_s"], rel=1e-2, abs=1e-3)  # rounded to 3 places
         assert all(run[phase]["steps"] == 8 for run in [solo, *result["concurrent"]])
+
+
+def test_bench_memory_by_dim_reports_each_generator_and_phase(run_cli):
+    proc = run_cli("bench", "--memory-by-dim", "1500", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["mode"] == "memory_by_dim" and result["batch"] == 4
+    rows = result["rows"]
+    assert {(r["generator"], r["dim"], r["phase"]) for r in rows} == {
+        (g, 1500, p) for g in ("conv_paper", "conv_default", "tokens") for p in ("autoencoder", "diffusion")}
+    assert all(r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,13 +54,23 @@ def test_whole_network_batched_scoring_equals_one_by_one(whole):
     assert scorer._largest_activation(feats) == 16 * 8 * 8  # conv1: 16 channels at 8x8
 
 
-def test_tiny_whole_network_run_trains_end_to_end_with_tokens(whole):
+@pytest.fixture(scope="module")
+def trained(whole):
+    """A tiny generator=tokens run on the whole-network dataset."""
+    from accelerate.state import AcceleratorState
+
     from pdiff.train import main
 
-    folder, ds = whole
-    report = main([f"output_dir={folder}", "cpu=true", "generator=tokens", "generator.autoencoder.chunk_size=32", "generator.autoencoder.hidden=16",
+    folder, _ = whole
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return folder, main([f"output_dir={folder}", "cpu=true", "generator=tokens", "generator.autoencoder.chunk_size=32", "generator.autoencoder.hidden=16",
                    "generator.unet.block_out_channels=[8,16]", "generator.num_inference_steps=4", "train.ae_steps=4", "train.diffusion_steps=4",
                    "train.batch_size=8", "train.eval_every=0", "train.num_final_models=6", "train.checkpointing_steps=0", "train.report_to=none"])
+
+
+def test_tiny_whole_network_run_trains_end_to_end_with_tokens(whole, trained):
+    _, ds = whole
+    folder, report = trained
     assert report.generated.count == 6 and report.dim == ds.dim
     from pdiff import PDiffPipeline
 
@@ -74,3 +86,21 @@ def test_a_step_that_cannot_fit_is_refused_before_training(whole, tmp_path):
     folder, _ = whole
     with pytest.raises(ConfigError, match=r"one autoencoder step at D=\d+ and train.batch_size=100000000 needs about .* GiB.*use generator=tokens"):
         main([f"output_dir={tmp_path}", f"dataset_dir={folder / 'params'}", "cpu=true", "train.batch_size=100000000", "train.report_to=none"])
+
+
+def test_a_token_autoencoder_for_another_layout_is_refused(trained, tmp_path):
+    """Same D, tensors cut differently: the tokens would straddle the target's tensors."""
+    import json
+    import shutil
+
+    from pdiff import PDiffPipeline
+    from pdiff.params import LayoutMismatchError
+
+    folder, _ = trained
+    copy = Path(shutil.copytree(folder / "generator", tmp_path / "gen"))
+    config = json.loads((copy / "autoencoder" / "config.json").read_text())
+    sizes = config["tensor_sizes"]
+    config["tensor_sizes"] = [sizes[0] + sizes[1], *sizes[2:]]
+    (copy / "autoencoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises((LayoutMismatchError, ValueError), match="another layout|do not match"):
+        PDiffPipeline.from_pretrained(copy)
