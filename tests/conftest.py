@@ -54,6 +54,21 @@ def collect_dataset(output_dir: Path, *overrides: str):
     return collect(load_config([f"output_dir={output_dir}", *overrides]))
 
 
+def reset_accelerator_state() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """In-process runs each build their own Accelerator (bf16 after fp32, train after collect), as separate
+    processes would; use with `pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")`."""
+    reset_accelerator_state()
+    yield
+    reset_accelerator_state()
+
+
 @pytest.fixture(scope="session")
 def digits_params(tmp_path_factory) -> Path:
     """Path of a parameter dataset folder (`save_to_disk` layout) collected once per session on digits.

@@ -13,7 +13,8 @@ from generator_helpers import sample, tiny_generator
 from pdiff import ParameterDataset, PDiffPipeline
 from pdiff.evaluation import evaluate_generated, evaluate_network, evaluate_vectors
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("fresh_accelerator_state")]
 
 # test_train.TINY without cpu=true: the same tiny generator, trained on the GPU.
 TINY_CUDA = [
@@ -21,15 +22,6 @@ TINY_CUDA = [
     "train.ae_steps=6", "train.diffusion_steps=6", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
     "train.eval_num_models=4", "train.num_final_models=6", "train.checkpointing_steps=4", "train.lr_warmup_steps=2", "train.report_to=none",
 ]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -331,7 +331,7 @@ def test_sweep_local_goes_through_pdiff_sweep():
     (cmd,) = commands(proc)
     assert cmd == ["pdiff", "sweep", "configs/sweeps/noise_grid.yaml", "--local", "--count", "2", "--dry-run", "train.ae_steps=3"]
     trials = [line for line in proc.stdout.splitlines() if line.startswith("[noise_grid")]
-    assert len(trials) == 2 and all("accelerate launch pdiff/train.py" in t and "train.ae_steps=3" in t for t in trials)
+    assert len(trials) == 2 and all("accelerate launch -m pdiff.train" in t and "train.ae_steps=3" in t for t in trials)
 
 
 def test_common_helpers_quote_dry_run_and_fail_clearly(tmp_path):

@@ -65,7 +65,8 @@ def test_every_pdiff_command_parses_and_composes(argv):
     assert args.command == argv[0]
     for option, value in zip(argv, argv[1:]):
         if option.startswith("--") and not value.startswith("-"):
-            assert str(getattr(args, option[2:].replace("-", "_"))) == value, option
+            parsed = getattr(args, option[2:].replace("-", "_"))
+            assert value in map(str, parsed) if isinstance(parsed, list) else str(parsed) == value, option
     if args.command in ("collect", "train", "config", "bench"):
         assert args.overrides == overrides
         cfg = load_config(overrides)  # raises on an unknown key or a bad value

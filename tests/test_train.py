@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import reset_accelerator_state
 from pdiff.config import ConfigError, load_config
 from pdiff.evaluation import Report
 from pdiff.train import main
@@ -38,18 +39,7 @@ TINY = [
 ]
 
 
-def reset_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator (e.g. bf16 after fp32), as a new process would."""
-    reset_accelerator_state()
-    yield
-    reset_accelerator_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def run_train(out: Path, dataset: Path, *overrides: str) -> Report | None:

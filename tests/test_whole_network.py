@@ -7,21 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import collect_dataset
+from conftest import collect_dataset, reset_accelerator_state
 from pdiff.evaluation import evaluate_network, evaluate_vectors
 from pdiff.evaluation.scoring import SuffixScorer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+
 WHOLE = ["task=digits", "task.param.patterns=[*]", "task.param.k=12", "task.param.lr=2e-3", "task.base.epochs=3", "cpu=true"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """collect and train each build their own Accelerator in this process, as separate processes would."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +49,10 @@ def test_whole_network_batched_scoring_equals_one_by_one(whole):
 @pytest.fixture(scope="module")
 def trained(whole):
     """A tiny generator=tokens run on the whole-network dataset."""
-    from accelerate.state import AcceleratorState
-
     from pdiff.train import main
 
     folder, _ = whole
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator_state()
     return folder, main([f"output_dir={folder}", "cpu=true", "generator=tokens", "generator.autoencoder.chunk_size=32", "generator.autoencoder.hidden=16",
                    "generator.unet.block_out_channels=[8,16]", "generator.num_inference_steps=4", "train.ae_steps=4", "train.diffusion_steps=4",
                    "train.batch_size=8", "train.eval_every=0", "train.num_final_models=6", "train.checkpointing_steps=0", "train.report_to=none"])
