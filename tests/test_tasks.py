@@ -169,3 +169,14 @@ def test_task_builds_a_network_from_base_weights_and_a_vector():
         task.build_network(base.state_dict(), layout, vector[:-1])
     with pytest.raises(RuntimeError):  # base weights of another network
         task.build_network(SmallCNN(1, 10, widths=(8, 16, 32)).state_dict())
+
+
+def test_any_importable_network_by_target():
+    """`task.network._target_`: a torchvision model function by name with its num_classes (it takes **kwargs, so
+    nothing is filled in for it), and a class whose named in_channels/num_classes come from the data."""
+    from pdiff.tasks.networks import build_network
+
+    net = build_network({"_target_": "torchvision.models.resnet18", "num_classes": 7}, in_channels=3, num_classes=7)
+    assert type(net).__name__ == "ResNet" and net.fc.out_features == 7
+    net = build_network({"_target_": "pdiff.tasks.networks.SmallCNN", "widths": [4, 8, 8]}, in_channels=1, num_classes=3)
+    assert net.fc.in_features == 8 and net.conv1.in_channels == 1
