@@ -145,12 +145,16 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
 
 
+def training_device(cfg: DictConfig) -> torch.device:
+    """The device Accelerate will pick for this process type (before an Accelerator exists)."""
+    return torch.device("cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda")
+
+
 def mixed_precision(cfg: DictConfig) -> str:
     """`train.mixed_precision`, with null and auto resolved for this process."""
     chosen, launcher = cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")
     if chosen == "auto":
-        device = torch.device("cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda")
-        return launcher or ("bf16" if native_bf16(device) else "no")
+        return launcher or ("bf16" if native_bf16(training_device(cfg)) else "no")
     return chosen or launcher or "no"
 
 
@@ -196,7 +200,7 @@ def build_autoencoder(cfg: DictConfig, dataset: ParameterDataset) -> ParameterCo
     if kind == "tokens":
         kwargs["tensor_sizes"] = [slot.numel for slot in dataset.layout.slots]
     ae = AUTOENCODERS[kind](param_dim=dataset.dim, **kwargs)
-    check_step_fits(ae, int(cfg.train.batch_size), kind, torch.device("cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"))
+    check_step_fits(ae, int(cfg.train.batch_size), kind, training_device(cfg))
     ae.fit_normalization(dataset.vectors, dataset.layout)
     return ae
 

@@ -65,7 +65,7 @@ class PooledLinearHead:
         shift = beta - self.bn.running_mean * scale
         n, (batch, channels) = scale.shape[0], features.shape[:2]
         x = features.reshape(batch, channels, -1).transpose(0, 1).contiguous()  # [C, B, S]
-        size = x.shape[-1]
+        size, x_sum = x.shape[-1], x.sum(-1)
         threshold = torch.where(scale != 0, -shift / scale, torch.zeros_like(shift))
         thresholds = threshold.T.unsqueeze(-1).expand(channels, n, size).contiguous()
         l1 = torch.cdist(thresholds, x, p=1)  # [C, n, B]: sum_s |x_s - t| for every channel, network, image
@@ -73,7 +73,7 @@ class PooledLinearHead:
         # each term on its own, so only l1 is ever as large as [networks, images, channels].
         relu_b = (scale == 0) * shift.abs() + shift  # [n, C]
         logits = torch.bmm(weight * scale.abs().unsqueeze(1) / (2 * size), l1.transpose(0, 1)).transpose(1, 2).contiguous()  # [n, B, K]
-        logits += torch.matmul(x.sum(-1).T, (weight * scale.unsqueeze(1) / (2 * size)).transpose(1, 2))
+        logits += torch.matmul(x_sum.T, (weight * scale.unsqueeze(1) / (2 * size)).transpose(1, 2))
         logits += (torch.bmm(weight, relu_b.unsqueeze(-1)).squeeze(-1) / 2 + bias).unsqueeze(1)
         # Rounding errors are at most (terms summed) * eps * (sum of the magnitudes summed), in this
         # computation and in the network's own, for both logits compared: 4 * (S + C + 8) * eps * spread.
@@ -86,7 +86,7 @@ class PooledLinearHead:
         best_other = logits.scatter(-1, labels.expand(n, batch).unsqueeze(-1), -torch.inf).amax(-1)
         unsure = ~((label_logit - best_other).abs() > 4 * (size + channels + 8) * _EPS32 * spread)  # NaN lands here too
         if unsure.any():
-            pooled = _PooledColumns(l1, x.sum(-1), scale, relu_b, size)
+            pooled = _PooledColumns(l1, x_sum, scale, relu_b, size)
             self._recompute(logits, pooled, unsure, features, gamma, beta, weight, bias)
         return logits
 

@@ -1,9 +1,10 @@
 """Scoring many parameter vectors on one network: batched, exact, and timed.
 
 Generated networks differ only in the parameters of the layout, so the frozen stages before the
-first generated parameter are run once per image batch and only the remaining stages are run, with
-`torch.func.vmap` over `functional_call`, for a chunk of networks at a time. Accuracies are exact
-counts, so the same network scores the same here as when it is built and run on its own
+first generated parameter are run once per image batch (and kept for a whole report), and only the
+remaining stages are run per network: a pooled classifier head in closed form for all networks at
+once (`heads.py`), anything else with `torch.func.vmap` over `functional_call`, a chunk of networks at
+a time. Accuracies are exact counts, the same as when each network is built and run on its own
 (`evaluate_network`, the one-by-one reference path; `benchmark_evaluation` compares the two).
 
 Networks with NaN/Inf parameters count as getting every example wrong (accuracy 0, loss NaN), so a
@@ -191,8 +192,6 @@ def chunk_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return free_memory(device) // 4
     return min(256 * 2**20, free_memory(device) // 8)
-
-
 
 
 @torch.no_grad()
