@@ -177,6 +177,6 @@ def _parameters(factory: Callable[..., Any]) -> set[str]:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
         return set()
-    if any(p.kind is p.VAR_KEYWORD for p in params):  # **kwargs: pass nothing it was not given
-        return {p.name for p in params if p.kind is not p.VAR_KEYWORD}
-    return {p.name for p in params}
+    # Only named parameters count: what a **kwargs catch-all accepts cannot be known (torchvision's
+    # model functions forward it), so nothing is filled in through it.
+    return {p.name for p in params if p.kind is not p.VAR_KEYWORD}
