@@ -83,6 +83,8 @@ def test_non_finite_parameters_name_file_and_tensor(originals, tmp_path):
 
 
 def test_empty_glob_and_hub_repo_without_safetensors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no checkpoints given"):
+        import_checkpoints([], _task())
     with pytest.raises(CheckpointError, match="no checkpoint file .* matches"):
         import_checkpoints([str(tmp_path / "*.safetensors")], _task())
     (tmp_path / "repo").mkdir()

@@ -39,6 +39,8 @@ class CheckpointError(InvalidParameterDatasetError):
 
 def checkpoint_files(sources: Sequence[str], revision: str | None = None) -> list[Path]:
     """Files from globs, paths and Hub model repo ids, in the order given (each glob sorted)."""
+    if not sources:
+        raise CheckpointError("no checkpoints given: pass files, globs or Hub model repo ids (`--from 'runs/*.safetensors'`)")
     files: list[Path] = []
     for source in sources:
         if glob.has_magic(source):
