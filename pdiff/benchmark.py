@@ -241,21 +241,17 @@ def bench_memory_by_dim(dims: Sequence[int], batch: int, steps: int = 2) -> list
 
 def step_figures(generator: str, dim: int, batch: int, phase: str, steps: int) -> dict[str, Any]:
     """Time `steps` training steps (after one warm-up) of one phase at D = `dim` in this process."""
-    from .config import load_config, to_dict
-    from .models import AUTOENCODERS
+    from .config import to_dict
+    from .models import autoencoder_from_config
     from .params import ParameterLayout
     from .runtime import free_memory
     from .training.losses import autoencoder_loss, diffusion_loss
 
     cfg = load_config([f"generator={generator}"]).generator
-    kwargs = {k: v for k, v in to_dict(cfg.autoencoder).items() if v is not None}
-    kind = kwargs.pop("type", "conv")
     sizes = [dim * 6 // 10, dim * 3 // 10, dim // 20]  # a few large tensors and a small one, as in a CNN
     sizes.append(dim - sum(sizes))
     layout = ParameterLayout([f"t{i}" for i in range(len(sizes))], [[n] for n in sizes])
-    if kind == "tokens":
-        kwargs["tensor_sizes"] = sizes
-    ae = AUTOENCODERS[kind](param_dim=dim, **kwargs)
+    ae = autoencoder_from_config(to_dict(cfg.autoencoder), layout)
     estimate = ae.activation_bytes(batch)
     if estimate > 0.75 * free_memory(torch.device("cpu")):  # leave room: the machine must not swap
         return {"skipped": f"needs about {estimate / 2**30:.1f} GiB, more than three quarters of the free memory"}

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pdiff.config import ConfigError, load_config, to_dict
 from pdiff.data import ParameterDataset
-from pdiff.evaluation.scoring import evaluate_vectors
+from pdiff.evaluation.scoring import score_columns
 from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
 from pdiff.runtime import ThreadPolicy
@@ -180,14 +180,6 @@ def base_network(cfg: DictConfig, task: Task, accelerator: Accelerator) -> tuple
     state = broadcast({n: t.detach().clone() for n, t in net.state_dict().items()}, from_process=0)
     net.load_state_dict(state)
     return net, layout, {n: t.detach().cpu().clone() for n, t in net.state_dict().items()}
-
-
-def score_columns(net: nn.Module, layout: ParameterLayout, vectors: torch.Tensor, task: Task) -> dict[str, list[float]]:
-    columns = {}
-    for split in ("val", "test"):
-        scores = evaluate_vectors(net, layout, vectors, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size)
-        columns[f"{split}_accuracy"], columns[f"{split}_loss"] = scores.accuracy.tolist(), scores.loss.tolist()
-    return columns
 
 
 def save_dataset(cfg: DictConfig, gathered: list[dict], layout: ParameterLayout, base_state: dict, info: dict) -> ParameterDataset:

@@ -8,7 +8,6 @@ validation and test splits, so generated sets can be evaluated, compared or trai
 from __future__ import annotations
 
 import copy
-
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from safetensors.torch import save_file
 
 from .data import ParameterDataset
 from .evaluation.inputs import NETWORKS_FILE
-from .evaluation.scoring import evaluate_vectors
+from .evaluation.scoring import score_columns
 from .io import atomic_directory, nearest_existing, write_json
 from .pipelines import PDiffPipeline, sampler_scheduler
-from .runtime import resolve_device
+from .runtime import free_memory, resolve_device
 from .tasks import Task
 
 
@@ -51,10 +50,7 @@ def task_of(pipe: PDiffPipeline, data: str | None = None) -> Task:
 def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task) -> ParameterDataset:
     """The generated vectors as a parameter dataset, scored on validation and test like collected ones."""
     net = pipe.target.net
-    columns: dict = {"step": list(range(len(params))), "seed": [seed] * len(params)}
-    for split in ("val", "test"):
-        s = evaluate_vectors(net, pipe.layout, params, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size)
-        columns[f"{split}_accuracy"], columns[f"{split}_loss"] = s.accuracy.tolist(), s.loss.tolist()
+    columns = {"step": list(range(len(params))), "seed": [seed] * len(params), **score_columns(net, pipe.layout, params, task)}
     base = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     info = {"generated": True, "in_channels": pipe.target.config.in_channels, "num_classes": pipe.target.config.num_classes}
     return ParameterDataset.from_vectors(params, columns, pipe.layout, task.config, base, info)
@@ -84,8 +80,8 @@ def sample_networks(pipe: PDiffPipeline, num_models: int, num_inference_steps: i
 def check_sample_fits(pipe: PDiffPipeline, num_models: int, out: Path, per_network_files: bool) -> None:
     """Refuse now, with the numbers, a sample whose parameters cannot fit in memory or its files on disk."""
     memory = num_models * pipe.layout.dim * 4 * 2  # the vectors, and one copy on the way out
-    free = _available_memory()
-    if free is not None and memory > 0.8 * free:
+    free = free_memory(torch.device("cpu"))  # the vectors come back to the CPU
+    if memory > 0.8 * free:
         fit = int(0.8 * free // (pipe.layout.dim * 4 * 2))
         raise ValueError(f"--num-models {num_models}: their parameters alone need {memory / 1e9:.3g} GB and {free / 1e9:.3g} GB of memory "
                          f"are free here; at most about {fit} fit. Sample in several runs with different --seed")
@@ -95,13 +91,3 @@ def check_sample_fits(pipe: PDiffPipeline, num_models: int, out: Path, per_netwo
     if disk > free_disk:
         raise ValueError(f"--num-models {num_models}: the files would take {disk / 1e9:.3g} GB and {folder} has "
                          f"{free_disk / 1e9:.3g} GB free; at most about {free_disk // per_network} fit")
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

@@ -42,7 +42,7 @@ from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import Report, evaluate_and_write
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
-from pdiff.models import AUTOENCODERS, ParameterAutoencoder, ParameterCodec, TargetNetwork, UNet1DModel, build_unet
+from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCodec, TargetNetwork, TokenAutoencoder, UNet1DModel, autoencoder_from_config, build_unet
 from pdiff.pipelines import PDiffPipeline
 from pdiff.pipelines.loading import check_component_weights
 from pdiff.runtime import free_memory, native_bf16
@@ -189,27 +189,24 @@ def build_autoencoder(cfg: DictConfig, dataset: ParameterDataset) -> ParameterCo
     the saved one; refused here when one training step would not fit in memory."""
     if cfg.train.phase == "diffusion":
         folder = Path(cfg.train.autoencoder_path)
-        cls = next((c for c in AUTOENCODERS.values() if c.__name__ == read_json(folder / "config.json").get("_class_name")), ParameterAutoencoder)
+        cls = AUTOENCODER_CLASSES.get(read_json(folder / "config.json").get("_class_name"), ParameterAutoencoder)
         check_component_weights(folder, cls)  # no silently random tensors
         ae = cls.from_pretrained(folder, use_safetensors=True)
         if ae.config.param_dim != dataset.dim:
             raise ConfigError(f"the autoencoder at {cfg.train.autoencoder_path} is for D={ae.config.param_dim}, the dataset has D={dataset.dim}")
         return ae
-    kwargs = {k: v for k, v in to_dict(cfg.generator.autoencoder).items() if v is not None}
-    kind = kwargs.pop("type", "conv")
-    if kind == "tokens":
-        kwargs["tensor_sizes"] = [slot.numel for slot in dataset.layout.slots]
-    ae = AUTOENCODERS[kind](param_dim=dataset.dim, **kwargs)
-    check_step_fits(ae, int(cfg.train.batch_size), kind, training_device(cfg))
+    ae = autoencoder_from_config(to_dict(cfg.generator.autoencoder), dataset.layout)
+    check_step_fits(ae, int(cfg.train.batch_size), training_device(cfg))
     ae.fit_normalization(dataset.vectors, dataset.layout)
     return ae
 
 
-def check_step_fits(ae: ParameterCodec, batch: int, kind: str, device: torch.device) -> None:
+def check_step_fits(ae: ParameterCodec, batch: int, device: torch.device) -> None:
     """One autoencoder step's activations must fit in the memory that is free now, or nothing starts."""
     needed, free = ae.activation_bytes(batch), free_memory(device)
     if needed > free:
-        hint = "use generator=tokens (memory ~ D / chunk_size)" if kind == "conv" else "raise generator.autoencoder.chunk_size or lower generator.autoencoder.hidden"
+        hint = ("raise generator.autoencoder.chunk_size or lower generator.autoencoder.hidden" if isinstance(ae, TokenAutoencoder)
+                else "use generator=tokens (memory ~ D / chunk_size)")
         raise ConfigError(f"one autoencoder step at D={ae.config.param_dim} and train.batch_size={batch} needs about {needed / 2**30:.1f} GiB, "
                           f"and {free / 2**30:.1f} GiB are free: lower train.batch_size, or {hint}")
 

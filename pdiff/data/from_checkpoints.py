@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from .. import hub
+from ..evaluation.scoring import score_columns
 from ..params import ParameterLayout, select_parameters
 from ..tasks import Task
-from .parameter_dataset import InvalidParameterDatasetError, ParameterDataset
+from .parameter_dataset import METRIC_COLUMNS, InvalidParameterDatasetError, ParameterDataset
 
 logger = logging.getLogger(__name__)
 
@@ -130,20 +131,12 @@ def import_checkpoints(sources: Sequence[str], task_config: Mapping, *, base: st
         logger.warning("%d of %d checkpoints differ from the base (%s) outside the generated parameters; "
                        "their rows rebuild with the base's weights there", differs, len(files), base_path)
     vectors = torch.stack(vectors)
-    columns = _scores(task, base_state, layout, vectors) if score else {k: [float("nan")] * len(files) for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss")}
+    if score:
+        columns = score_columns(task.build_network(base_state), layout, vectors, task)
+    else:
+        columns = {name: [float("nan")] * len(files) for name in METRIC_COLUMNS}
     columns.update(step=list(range(len(files))), seed=[0] * len(files))
     info = {"num_processes": 1, "imported_from": [str(p) for p in files], "base_checkpoint": str(base_path),
             "checkpoints_differing_outside_layout": differs, "collect_seconds": round(time.perf_counter() - started, 3),
             "in_channels": task.data.image_shape[0], "num_classes": task.data.num_classes}
     return ParameterDataset.from_vectors(vectors, columns, layout, task.config, {k: v.detach().clone() for k, v in base_state.items()}, info)
-
-
-def _scores(task: Task, base_state, layout: ParameterLayout, vectors: torch.Tensor) -> dict[str, list[float]]:
-    from ..evaluation.scoring import evaluate_vectors
-
-    net = task.build_network(base_state)
-    columns = {}
-    for split in ("val", "test"):
-        scores = evaluate_vectors(net, layout, vectors, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size)
-        columns[f"{split}_accuracy"], columns[f"{split}_loss"] = scores.accuracy.tolist(), scores.loss.tolist()
-    return columns

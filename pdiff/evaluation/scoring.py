@@ -75,9 +75,9 @@ class SuffixScorer:
 
     The stages before the first generated parameter (the prefix) run once per image batch
     (`features`); only the rest (the suffix) runs per network. A suffix that is a pooled classifier
-    head (`heads.PooledLinearHead`) is computed in closed form for all networks at once, and any
-    network whose argmax that could get wrong is re-run through its own forward pass; any other
-    suffix runs through `torch.func.vmap` over `functional_call`.
+    head (`heads.PooledLinearHead`) is computed in closed form for all networks at once, with every
+    (network, image) pair whose hit the rounding could change recomputed the network's own way; any
+    other suffix runs through `torch.func.vmap` over `functional_call`.
     """
 
     def __init__(self, network: nn.Module, layout: ParameterLayout):
@@ -184,6 +184,16 @@ def evaluate_vectors(
         start += len(labels)
 
     return Scores(correct.cpu().double() / n, loss_sum.cpu() / n, wrong)
+
+
+def score_columns(network: nn.Module, layout: ParameterLayout, vectors: torch.Tensor, task: Task) -> dict[str, list[float]]:
+    """A parameter dataset's score columns (`val_accuracy`, `val_loss`, `test_accuracy`, `test_loss`) for
+    `vectors` in `network`, which holds the base weights."""
+    scorer, columns = SuffixScorer(network, layout), {}
+    for split in SPLITS:
+        scores = evaluate_vectors(network, layout, vectors, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size, scorer=scorer)
+        columns[f"{split}_accuracy"], columns[f"{split}_loss"] = scores.accuracy.tolist(), scores.loss.tolist()
+    return columns
 
 
 def chunk_budget(device: torch.device) -> int:

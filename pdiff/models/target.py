@@ -8,6 +8,7 @@ ready `nn.Module`s, so a generator folder alone rebuilds working networks withou
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Mapping
 
 import torch
@@ -62,8 +63,6 @@ def portable_task(task: Mapping[str, Any]) -> dict:
     dropped (the default data folder is used), and a local `data.name` (an image folder) becomes None:
     evaluating such a generator then asks for the data (`pdiff sample --data`, `task.data.name=`).
     """
-    import os
-
     task = copy.deepcopy(dict(task))
     data = task.get("data") or {}
     data.pop("root", None)

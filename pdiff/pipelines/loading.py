@@ -16,7 +16,7 @@ import torch
 
 from .. import hub
 from ..io import read_json
-from ..models import ParameterAutoencoder, TargetNetwork, TokenAutoencoder, UNet1DModel
+from ..models import AUTOENCODER_CLASSES, ParameterCodec, TargetNetwork, UNet1DModel
 from ..params import LayoutMismatchError
 from ..tasks.networks import NetworkImportError, check_network_trust
 
@@ -103,7 +103,7 @@ def _stored_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 def check_weights(folder: Path) -> None:
     """Every component's safetensors must hold exactly the tensors its config.json builds (see `check_component_weights`)."""
-    autoencoder = TokenAutoencoder if read_json(folder / "model_index.json")["autoencoder"][1] == "TokenAutoencoder" else ParameterAutoencoder
+    autoencoder = AUTOENCODER_CLASSES[read_json(folder / "model_index.json")["autoencoder"][1]]  # one of ALLOWED_CLASSES: checked
     classes = {"autoencoder": autoencoder, "unet": UNet1DModel, "target": TargetNetwork}
     for name in WEIGHT_COMPONENTS:
         check_component_weights(folder / name, classes[name])
@@ -143,7 +143,7 @@ def check_component_weights(component_dir: Path, cls) -> None:
         )
 
 
-def check_components(autoencoder: ParameterAutoencoder, unet: UNet1DModel, target: TargetNetwork) -> None:
+def check_components(autoencoder: ParameterCodec, unet: UNet1DModel, target: TargetNetwork) -> None:
     """The components must fit together: the layout's size is the autoencoder's, the UNet sees its latent."""
     if autoencoder.config.param_dim != target.layout.dim:
         raise LayoutMismatchError(f"the autoencoder generates {autoencoder.config.param_dim} numbers but the target layout has {target.layout.dim}")
