@@ -40,7 +40,7 @@ from pdiff.data import ParameterDataset
 from pdiff.evaluation.scoring import score_columns
 from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
-from pdiff.runtime import ThreadPolicy
+from pdiff.runtime import ThreadPolicy, retain_freed_memory
 from pdiff.tasks import Task
 from pdiff.tasks.networks import import_network
 from pdiff.tasks.data import Split
@@ -134,6 +134,7 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
     accelerator = accelerator or Accelerator(cpu=bool(cfg.cpu))
     check_request(cfg, accelerator)
     ThreadPolicy()
+    retain_freed_memory()
     lock = output_lock(Path(cfg.dataset_dir).parent, "collect") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
         started = time.perf_counter()

@@ -41,6 +41,10 @@ def test_whole_network_batched_scoring_equals_one_by_one(whole):
     batched = evaluate_vectors(net, ds.layout, vectors, task.data.test, task.data.prepare, batch_size=90)
     one_by_one = [evaluate_network(task.build_network(ds.base_state, ds.layout, v), task.data.test, task.data.prepare, batch_size=90)[0] for v in vectors]
     assert batched.accuracy.tolist() == one_by_one and len(set(one_by_one)) > 1
+    assert scorer.generates_convolutions  # so on the CPU each network ran on its own; a GPU vmaps them:
+    scorer.generates_convolutions = False
+    vmapped = evaluate_vectors(net, ds.layout, vectors, task.data.test, task.data.prepare, batch_size=90, scorer=scorer)
+    assert vmapped.accuracy.tolist() == one_by_one
     # chunks are sized by the network's largest activation, not by its input
     feats = scorer.features(task.data.test, task.data.prepare, 90, torch.device("cpu"))[0][0]
     assert scorer._largest_activation(feats) == 16 * 8 * 8  # conv1: 16 channels at 8x8

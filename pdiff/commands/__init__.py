@@ -68,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     if args.command in NUMERIC:
-        from ..runtime import ThreadPolicy
+        from ..runtime import ThreadPolicy, retain_freed_memory
 
         ThreadPolicy()  # the CPU threads nobody else uses (OMP_NUM_THREADS, when set, wins)
+        retain_freed_memory()
     return report_failures(args.command, lambda: args.run(args))
 
 

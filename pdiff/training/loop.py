@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..io import write_text
-from ..runtime import ThreadPolicy
+from ..runtime import ThreadPolicy, retain_freed_memory
 from .checkpoints import checkpoint_root, complete_checkpoints, save_checkpoint
 from .losses import step_generator
 
@@ -61,6 +61,7 @@ class TrainingRun:
         self._last_log = (time.perf_counter(), self.state.step)
         self._pending: tuple[str, dict] = ("ae", {})
         self.threads = ThreadPolicy()  # the CPU threads nobody else uses, checked again as the run goes
+        retain_freed_memory()
 
     @property
     def global_batch(self) -> int:
