@@ -161,6 +161,8 @@ class TrainSchema:
     eval_every: int = rule(ge=0)  # 0: no evaluation during training
     eval_num_models: int = rule(ge=1)
     num_final_models: int = rule(ge=1)
+    curve_temperatures: list[float] = rule(gt=0)  # the final report's other sampling temperatures (the generator's curve)
+    curve_num_models: int = rule(ge=1)
     report_to: str = rule(choices=("none", "wandb"))
     wandb_project: str = rule()
     run_name: Optional[str] = rule(**OPTIONAL)
@@ -220,8 +222,18 @@ def _check_value(value: Any, tp: Any, meta: typing.Mapping, key: str) -> None:
         raise ConfigError(f"{key}={_show(value)}: choose one of {', '.join(_show(c) for c in choices)}")
     bounds = ((meta.get("ge"), lambda v, b: v >= b, ">="), (meta.get("gt"), lambda v, b: v > b, ">"), (meta.get("lt"), lambda v, b: v < b, "<"))
     for bound, ok, sign in bounds:
-        if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
-            raise ConfigError(f"{key}={_show(value)}: must be {sign} {bound:g}")
+        for number in _numbers(value):
+            if bound is not None and not ok(number, bound):
+                raise ConfigError(f"{key}={_show(value)}: must be {sign} {bound:g}" + (" each" if number is not value else ""))
+
+
+def _numbers(value: Any) -> list:
+    """What a bound applies to: a number, or each number of a list."""
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [v for v in value if isinstance(v, (int, float))]
+    return []
 
 
 def _allows_none(tp: Any) -> bool:

@@ -301,7 +301,11 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
     pipe.set_progress_bar_config(disable=True)
 
     generated = pipe(num_models=int(cfg.train.num_final_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
-    report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device, seed=int(cfg.seed))
+    # The curve's points start from the same draws as the first networks above, scaled: only the temperature differs.
+    curve = {t: pipe(num_models=int(cfg.train.curve_num_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1), temperature=t).params
+             for t in cfg.train.curve_temperatures if t != 1.0}
+    report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device,
+                                       seed=int(cfg.seed), curve=curve, generated_temperature=1.0)
     report.selected = {**selected, "selected_on": "validation"}
     report.training = {**run.summary(), "final_evaluation_seconds": round(time.perf_counter() - started, 3)}
     plots = [p for p in paths.values() if str(p).endswith(".png")]

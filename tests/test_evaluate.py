@@ -54,7 +54,9 @@ def candidates(originals) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def report(originals, candidates) -> Report:
     generated = torch.cat([candidates, originals.vectors[:2]])  # the last two are exact copies of originals 0, 1
-    return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), num_noise_models=8, seed=0)
+    curve = {2.0: candidates[8:12], 0.5: candidates[:4]}  # stand-ins for the generator at two other temperatures
+    return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), num_noise_models=8, seed=0,
+                              curve=curve, generated_temperature=1.0)
 
 
 # -- batched evaluation --------------------------------------------------------------------------
@@ -226,6 +228,13 @@ def test_report_schema(report, originals):
     dists = [e["similarity_to_originals"]["l2"]["mean"] for e in noise["scales"]]
     assert dists == sorted(dists)
 
+    curve = report["generated_curve"]  # the generator at other temperatures, ascending, scored like the generated set
+    assert curve["knob"] == "temperature" and curve["generated_at"] == 1.0 and [p["temperature"] for p in curve["points"]] == [0.5, 2.0]
+    for point in curve["points"]:
+        _check_group(point, 4)
+        assert set(point["similarity_to_originals"]) == {"iou", "l2"}
+    assert curve["points"][0]["similarity_to_originals"]["l2"]["mean"] == 0.0  # the exact copies among the candidates
+
     sim = report["similarity"]
     for key in ("original_original", "generated_generated", "generated_original"):
         assert set(sim[key]) == {"iou", "l2"} and set(sim[key]["iou"]) == {"mean", "median", "min", "max"}
@@ -235,7 +244,7 @@ def test_report_schema(report, originals):
     assert v["outcome"] in ("beats", "loses", "ties") and isinstance(v["text"], str) and "\n" not in v["text"]
     assert v["matched_scale"] in (2.0, 16.0, 64.0)
     t = report["timing"]
-    assert t["networks_evaluated"] == k + g + 1 + 3 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
+    assert t["networks_evaluated"] == k + g + 2 * 4 + 1 + 3 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
     assert "verdict:" in format_summary(Report.from_dict(report))
 
 
@@ -312,12 +321,12 @@ def test_every_renderer_works_from_a_loaded_report(report, tmp_path):
     assert summary_metrics(loaded) == summary_metrics(report)
     assert network_table(loaded) == network_table(report)
     rows = list(loaded.rows())
-    assert [r.kind for r in rows] == ["originals", "generated", "weight_average", "noise", "noise", "noise"]
+    assert [r.kind for r in rows] == ["originals", "generated", "temperature", "temperature", "weight_average", "noise", "noise", "noise"]
     # The weight average is a set of one: every renderer shows it like any other row.
     avg = loaded.weight_average
     assert avg.count == 1 and avg.test.std == 0 and avg.test.best == avg.test.mean == avg.best_on_val.test_accuracy
     table = markdown_table(loaded).splitlines()
-    assert len(table) == 2 + len(rows) and table[4].startswith("| weight average of the originals | 1 |")
+    assert len(table) == 2 + len(rows) and table[6].startswith("| weight average of the originals | 1 |")
     columns, table_rows = network_table(loaded)
     assert len(table_rows) == sum(r.count for r in rows) and columns[0] == "kind"
     metrics = summary_metrics(loaded)

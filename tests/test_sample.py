@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from generator_helpers import sample, tiny_generator
 from pdiff import ParameterDataset, PDiffPipeline, Task
 from pdiff.commands import main as cli
-from pdiff.evaluation import evaluate_vectors
+from pdiff.evaluation import Report, evaluate_vectors
 from pdiff.tasks.networks import build_network
 
 
@@ -144,3 +144,26 @@ def test_a_sample_too_large_for_this_machine_is_refused_with_the_numbers(generat
     chunked = pdiff.sampling.sample_networks(pipe, 7, 2, seed=5)
     assert chunked.shape == (7, pipe.layout.dim)
     assert torch.equal(chunked[:3], sample(pipe, seed=5, num_models=3, steps=2)) and torch.equal(chunked[3:6], sample(pipe, seed=6, num_models=3, steps=2))
+
+
+def test_temperature_and_the_curve_from_the_command_line(generator, digits_params, tmp_path, capsys):
+    pipe, folder = generator
+    quick = tmp_path / "quick-generator"  # the same generator, validated with 3 steps: the curve samples with those
+    loaded = PDiffPipeline.from_pretrained(folder)
+    loaded.register_to_config(default_num_inference_steps=3)
+    loaded.save_pretrained(quick)
+    cold = tmp_path / "cold"
+    assert cli(["sample", "--model", str(quick), "--num-models", "3", "--temperature", "0.5", "--out", str(cold), "--format", "dataset"]) == 0
+    expected = pipe(num_models=3, num_inference_steps=3, generator=torch.Generator().manual_seed(0), temperature=0.5).params
+    assert torch.equal(ParameterDataset.from_pretrained(cold).vectors, expected)  # the same draws, scaled
+    out = tmp_path / "eval"
+    assert cli(["evaluate", "--dataset", str(digits_params), "--generated", str(cold), "--out", str(out), "--curve-model", str(quick),
+                "--curve-temperatures", "2", "0.5", "--curve-num-models", "3", "--noise-scales", "4", "--num-noise-models", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "generated T=0.5" in printed and "generated T=2" in printed
+    report = Report.load(out)
+    assert [p.scale for p in report.curve] == [0.5, 2.0] and report.curve[0].networks["test_accuracy"] == report.generated.networks["test_accuracy"]
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["sample", "--model", str(folder), "--temperature", bad, "--out", str(tmp_path / "never")])
+        assert exit_.value.code == 2 and "is not a positive number" in capsys.readouterr().err

@@ -17,6 +17,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a temperature, a scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a positive number")
+    return value
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-network-code", action="store_true",
                         help="allow a Hub generator or dataset whose network is user code (task.network._target_) to import that module")

@@ -4,13 +4,17 @@
 
 `--generated` takes a parameter dataset (`pdiff sample --format dataset`), a folder of networks
 (`pdiff sample`'s default output), or one [N, D] tensor in a .pt, .safetensors or .npy file.
+`--curve-model` adds the generator's accuracy-novelty curve: it samples that generator at each of
+`--curve-temperatures` and scores every point like the generated set.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .arguments import add_trust_flag, positive_int
+from .arguments import add_trust_flag, positive_float, positive_int
+
+CURVE_TEMPERATURES = (0.5, 0.75, 1.0, 1.25)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
     p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
+    p.add_argument("--curve-model", default=None, help="a generator (folder or Hub id) whose accuracy-novelty curve to add: sampled at each --curve-temperatures")
+    p.add_argument("--curve-temperatures", type=positive_float, nargs="+", default=list(CURVE_TEMPERATURES), help="sampling temperatures of the curve (default 0.5 0.75 1 1.25)")
+    p.add_argument("--curve-num-models", type=positive_int, default=50, help="networks per curve point")
     p.add_argument("--no-plots", action="store_true", help="write only report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     add_trust_flag(p)
@@ -48,13 +55,24 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     originals = ParameterDataset.from_pretrained(args.dataset, trust_network_code=args.trust_network_code)
     generated = load_generated(args.generated, originals)
+    curve = curve_samples(args, originals, device) if args.curve_model else None
     if Path(args.generated).is_file():
         print(f"note: {args.generated} is a bare tensor and names no network; pdiff checks its shape only. Make sure it was "
               f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
     report, paths = evaluate_and_write(
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
         noise_scales=DEFAULT_NOISE_SCALES if args.noise_scales is None else args.noise_scales, noise_mode=args.noise_mode,
-        num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk,
+        num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk, curve=curve,
     )
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def curve_samples(args: argparse.Namespace, originals, device) -> dict:
+    """{temperature: vectors} from `--curve-model`, every point from the same seeded draws, scaled."""
+    from ..evaluation.inputs import check_base_network
+    from ..sampling import load_generator, sample_networks
+
+    pipe = load_generator(args.curve_model, str(device), trust_network_code=args.trust_network_code)
+    check_base_network(originals, pipe.layout, pipe.target.net.state_dict(), f"--curve-model {args.curve_model}")  # another network's generator: refused
+    return {t: sample_networks(pipe, args.curve_num_models, None, args.seed, t) for t in args.curve_temperatures}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import add_trust_flag, positive_int
+from .arguments import add_trust_flag, positive_float, positive_int
 
 if TYPE_CHECKING:
     from ..data import ParameterDataset
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the steps the generator was validated with)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=1.0,
+                   help="scale of the starting noise: below 1 nearer the networks the generator saw most (less novel), above 1 further out")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
     originals = against_originals(pipe, args.dataset, args.trust_network_code) if args.evaluate and args.dataset else None
     check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
-    params = sample_networks(pipe, args.num_models, args.steps, args.seed)
+    params = sample_networks(pipe, args.num_models, args.steps, args.seed, args.temperature)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
         generated = generated_dataset(pipe, params, args.seed, task_of(pipe, args.data))
@@ -81,7 +83,7 @@ def report_against_originals(originals: "ParameterDataset", generated: "Paramete
     from ..evaluation import evaluate_and_write
     from ..evaluation.render import format_summary
 
-    report, paths = evaluate_and_write(originals, generated, report_dir, seed=args.seed, device=args.device)
+    report, paths = evaluate_and_write(originals, generated, report_dir, seed=args.seed, device=args.device, generated_temperature=args.temperature)
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 

@@ -3,8 +3,10 @@
 * `accuracy_distributions.png`: validation and test accuracy of every network, per set (originals,
   generated, each noise scale) as a box plot with the individual networks on top; the weight average
   is a dashed line, the network selected on validation a star.
-* `accuracy_vs_novelty.png`: test accuracy against similarity to the nearest original, by IoU of the
-  test-error sets (right is closer to a copy) and by parameter L2 distance (left is closer).
+* `accuracy_vs_novelty.png`: test accuracy against similarity to the nearest original, per network, by
+  IoU of the test-error sets (right is closer to a copy) and by parameter L2 distance (left is closer);
+  then the trade-off of set means, zoomed where the generator sits: its curve over sampling
+  temperatures and the noise scales' curve, so the two compare at equal novelty.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def _boxed_sets(report: Report) -> list[NetworkSet]:
 
 
 def _colors(rows: list[NetworkSet]) -> list[Any]:
-    noise = [row for row in rows if row.kind == "noise"]
-    shades = iter(plt.get_cmap("viridis")(x) for x in np.linspace(0.15, 0.85, max(len(noise), 1)))
-    return [COLORS.get(row.kind) or next(shades) for row in rows]
+    shades = {}
+    for kind, cmap, lowest in (("noise", "viridis", 0.15), ("temperature", "Reds", 0.35)):
+        count = max(sum(row.kind == kind for row in rows), 1)
+        shades[kind] = iter([plt.get_cmap(cmap)(x) for x in np.linspace(lowest, 0.85, count)])
+    return [COLORS.get(row.kind) or next(shades[row.kind]) for row in rows]
 
 
 def plot_accuracy_distributions(report: Report, path: str | os.PathLike) -> Path:
@@ -79,19 +83,19 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
     rows = _boxed_sets(report)
     colors = _colors(rows)
     noise_rank = {row.name: i for i, row in enumerate(r for r in rows if r.kind == "noise")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     for ax, (measure, xlabel) in zip(axes, NOVELTY_AXES.items()):
         for row, color in zip(rows, colors):
             x = row.nearest(measure)
-            if x is None:
-                continue  # e.g. a single original has no other original to compare with
+            if x is None or row.kind == "temperature":
+                continue  # a single original has no other to compare with; curve points are drawn as means below
             shown = "originals (to other originals)" if row.kind == "originals" else row.name
             style = MARKERS.get(row.kind) or dict(marker="o", s=50 + 25 * noise_rank[row.name], facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
             ax.scatter(np.asarray(x, dtype=float), np.asarray(row.networks["test_accuracy"], dtype=float), alpha=0.75,
                        **({"color": color} if row.kind in MARKERS else {}), label=shown, **style)
         avg = report.weight_average
-        ax.scatter(avg.nearest(measure), [avg.test.mean], marker="X", s=320, facecolors="none", edgecolors="black",
-                   linewidths=1.0, label="weight average", zorder=6)  # hollow: points under it stay visible
+        ax.scatter(avg.nearest(measure), [avg.test.mean], marker="+", s=320, color="black",
+                   linewidths=1.5, label="weight average", zorder=6)  # a plain cross: points under it stay visible
         positive = [v for row in rows for v in row.nearest(measure) or [] if v is not None and v > 0]
         if measure == "l2" and positive:
             ax.set_xscale("symlog", linthresh=float(min(positive)))  # distances span orders of magnitude
@@ -99,9 +103,48 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
+    _plot_tradeoff(axes[2], report)
     verdict = textwrap.fill(report.verdict.text, 120, break_long_words=False, break_on_hyphens=False)  # whole words only
     fig.suptitle(f"{report.task}: accuracy vs novelty\n{verdict}", fontsize=9)
     return _save(fig, path)
+
+
+def _plot_tradeoff(ax, report: Report) -> None:
+    """Set means only: mean test accuracy against mean nearest-original IoU. The generator's curve (one point
+    per temperature) and the noise scales' curve, with the originals and the weight average; the axes
+    frame the generator and the originals, where the comparison at equal novelty is made."""
+
+    def mean_point(row: NetworkSet) -> tuple[float, float]:
+        return float(np.nanmean(np.asarray(row.nearest("iou"), dtype=float))), row.test.mean
+
+    def curve(rows: list[NetworkSet], names: list[str], **style) -> list[tuple[float, float]]:
+        points = [mean_point(row) for row in rows]
+        ax.plot(*zip(*points), **style)
+        for name, (x, y) in zip(names, points):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=style["color"])
+        return points
+
+    generator = report.curve_points() if report.curve else [report.generated]
+    names = [f"T={report.generated_temperature if row is report.generated else row.scale:g}" if report.curve else "generated" for row in generator]
+    focus = curve(generator, names, color=COLORS["generated"], marker="D", markersize=5, markeredgecolor="black", linewidth=1.2, zorder=5,
+                  label="generator" + (" by temperature" if report.curve else ""))
+    if report.noise:
+        curve(report.noise, [f"x{row.scale:g}" for row in report.noise], color="gray", marker="o", markersize=4, linestyle=":", linewidth=1,
+              label="noise scales")
+    for row, style in ((report.originals, dict(marker="s", color=COLORS["originals"], label="originals (to other)")),
+                       (report.weight_average, dict(marker="+", s=200, color="black", linewidths=1.5, label="weight average"))):
+        if row.nearest("iou") is not None:
+            focus.append(mean_point(row))
+            ax.scatter(*focus[-1], zorder=6, **style)
+    xs, ys = (np.asarray(v, dtype=float) for v in zip(*focus))
+    pad_x, pad_y = max(np.ptp(xs), 0.02) * 0.3, max(np.ptp(ys), 2.0 / report.splits["test"]) * 0.3
+    ax.set_xlim(np.nanmin(xs) - pad_x, np.nanmax(xs) + pad_x)
+    ax.set_ylim(np.nanmin(ys) - pad_y, np.nanmax(ys) + pad_y)
+    ax.set_xlabel("mean IoU with the nearest original (set means)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title("trade-off at equal novelty (zoomed)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
 
 
 def _save(fig, path: str | os.PathLike) -> Path:

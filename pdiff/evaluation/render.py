@@ -13,7 +13,7 @@ from .report import NetworkSet, Report, Summary
 from .scoring import SPLITS
 
 CARD_LABELS = {"originals": "original checkpoints", "generated": "generated", "weight_average": "weight average of the originals"}
-TABLE_COLUMNS = ["kind", "noise_scale", "index", "val_accuracy", "test_accuracy", "nearest_original_iou", "nearest_original_l2"]
+TABLE_COLUMNS = ["kind", "noise_scale", "temperature", "index", "val_accuracy", "test_accuracy", "nearest_original_iou", "nearest_original_l2"]
 TABLE_KINDS = {"originals": "original"}  # the per-network table names one network, not the set
 
 
@@ -63,7 +63,7 @@ def markdown_table(report: Report | None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows():
-        label = f"originals + {row.label}" if row.kind == "noise" else CARD_LABELS[row.kind]
+        label = f"originals + {row.label}" if row.kind == "noise" else CARD_LABELS.get(row.kind, row.label)
         val, test = row.val, row.test
         rows.append(
             f"| {label} | {row.count} | {_num(val.mean)} | {_num(val.best)} | {_num(row.best_on_val.test_accuracy)} | "
@@ -84,6 +84,9 @@ def summary_metrics(report: Report) -> dict[str, float]:
     for row in report.noise:
         out[f"noise_{row.scale:g}/test_mean"] = row.test.mean
         out[f"noise_{row.scale:g}/nearest_original_iou_mean"] = row.novelty.iou.mean
+    for row in report.curve:
+        out[f"temperature_{row.scale:g}/val_mean"], out[f"temperature_{row.scale:g}/test_mean"] = row.val.mean, row.test.mean
+        out[f"temperature_{row.scale:g}/nearest_original_iou_mean"] = _mean(row.novelty.iou)
     similarity = {"original_original": report.originals.novelty, "generated_generated": report.generated_generated, "generated_original": report.generated.novelty}
     for name, novelty in similarity.items():
         if novelty is not None and novelty.iou is not None:
@@ -101,7 +104,8 @@ def network_table(report: Report) -> tuple[list[str], list[list]]:
         iou, l2 = row.nearest("iou"), row.nearest("l2")
         for i in range(row.count):
             nets = row.networks
-            rows.append([TABLE_KINDS.get(row.kind, row.kind), row.scale, i, nets["val_accuracy"][i], nets["test_accuracy"][i],
+            noise_scale, temperature = (row.scale, None) if row.kind == "noise" else (None, row.scale)
+            rows.append([TABLE_KINDS.get(row.kind, row.kind), noise_scale, temperature, i, nets["val_accuracy"][i], nets["test_accuracy"][i],
                          iou[i] if iou else None, l2[i] if l2 else None])
     return list(TABLE_COLUMNS), rows
 

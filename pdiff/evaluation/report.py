@@ -20,6 +20,9 @@ What the report holds, and the choices behind it:
   nearest original by either measure; the summaries give, per network, the max IoU / min L2 to the
   nearest *other* original (original<->original), other generated network (generated<->generated) and
   original (generated->original, noise->original).
+* **The generator's curve**: the generated set again at other sampling temperatures (the starting
+  noise's scale, `PDiffPipeline(temperature=...)`), each scored like the generated set, so the report
+  shows where the generator sits on the accuracy-novelty plane and how far it can move along it.
 * **Verdict**, one line: the generated set is compared with the noise scale whose mean nearest-original
   IoU is closest to the generated set's (equal novelty). It *beats* that baseline when its mean test
   accuracy is higher by a margin of at least max(1 / N_test, 2 standard errors of the difference of
@@ -38,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -59,6 +62,7 @@ REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
 SIMILARITY_MEASURE = "per network: max IoU of test wrong-example sets / min parameter L2 distance to the nearest member of the other set"
 LABELS = {"originals": "originals (to other)", "generated": "generated", "weight_average": "weight average"}
+CURVE_KNOB = "temperature"
 
 
 def jsonable(obj: Any) -> Any:
@@ -137,19 +141,21 @@ class Selection:
 class NetworkSet:
     """One row of the report: a set of networks scored on both splits, with their novelty."""
 
-    kind: str  # "originals" | "generated" | "weight_average" | "noise"
-    label: str  # terminal label: "originals (to other)", "generated", "weight average", "noise x2 (spread)"
+    kind: str  # "originals" | "generated" | "temperature" (a point of the generator's curve) | "weight_average" | "noise"
+    label: str  # terminal label: "originals (to other)", "generated", "generated T=0.5", "weight average", "noise x2 (spread)"
     count: int
     val: Stats
     test: Stats
     best_on_val: Selection
     novelty: Novelty | None  # to the nearest original (originals: to the nearest OTHER original)
     networks: dict[str, list]  # per-network columns, as in report.json
-    scale: float | None = None  # noise scale
+    scale: float | None = None  # noise scale, or sampling temperature
 
     @property
     def name(self) -> str:
-        """Short name for plot axes and legends: "originals", "weight average", "noise x2", ..."""
+        """Short name for plot axes and legends: "originals", "weight average", "noise x2", "T=0.5", ..."""
+        if self.kind == "temperature":
+            return f"T={self.scale:g}"
         return f"noise x{self.scale:g}" if self.kind == "noise" else self.kind.replace("_", " ")
 
     def nearest(self, measure: str) -> list | None:
@@ -180,6 +186,8 @@ class NetworkSet:
 
 
 def set_label(kind: str, scale: float | None = None, mode: str = "") -> str:
+    if kind == "temperature":
+        return f"generated T={scale:g}"
     return f"noise x{scale:g} ({mode})" if kind == "noise" else LABELS[kind]
 
 
@@ -215,11 +223,22 @@ class Report:
     schema_version: int = SCHEMA_VERSION
     selected: dict | None = None
     training: dict | None = None
+    curve: list[NetworkSet] = field(default_factory=list)  # the generator at other temperatures, ascending
+    generated_temperature: float | None = None  # the generated set's own temperature, when known
+
+    def curve_points(self) -> list[NetworkSet]:
+        """The generator's curve in temperature order, with the generated set where its temperature is known."""
+        points = list(self.curve)
+        if self.generated_temperature is not None:
+            points.append(self.generated)
+        return sorted(points, key=lambda p: self.generated_temperature if p is self.generated else p.scale)
 
     def rows(self) -> Iterator[NetworkSet]:
-        """Every set of networks in report order: originals, generated, weight average, each noise scale."""
+        """Every set of networks in report order: originals, generated, the generator's curve, weight
+        average, each noise scale."""
         yield self.originals
         yield self.generated
+        yield from self.curve
         yield self.weight_average
         yield from self.noise
 
@@ -232,6 +251,10 @@ class Report:
             "parameters": self.parameters, "splits": self.splits, "selection_rule": self.selection_rule,
             "originals": {**self.originals.group_dict(), "stored_val_accuracy_matches": self.stored_val_accuracy_matches},
             "generated": {**self.generated.group_dict(), "nonfinite_indices": self.nonfinite_indices},
+            "generated_curve": {
+                "knob": CURVE_KNOB, "generated_at": self.generated_temperature,
+                "points": [{CURVE_KNOB: p.scale, **p.group_dict(), "similarity_to_originals": _novelty_dict(p.novelty)} for p in self.curve],
+            },
             "baselines": {
                 "weight_average": self.weight_average.single_dict(),
                 "noise": {
@@ -271,6 +294,8 @@ class Report:
             nonfinite_indices=d["generated"]["nonfinite_indices"], stored_val_accuracy_matches=d["originals"]["stored_val_accuracy_matches"],
             verdict=Verdict(**_known(Verdict, d["verdict"])), timing=Timing(**_known(Timing, d["timing"])), created=d["created"],
             schema_version=d["schema_version"], selected=d.get("selected"), training=d.get("training"),
+            curve=[NetworkSet.from_group("temperature", p, p["similarity_to_originals"], p[CURVE_KNOB]) for p in d.get("generated_curve", {}).get("points", [])],
+            generated_temperature=d.get("generated_curve", {}).get("generated_at"),
         )
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -304,11 +329,15 @@ def evaluate_generated(
     batch_size: int | None = None,
     networks_per_chunk: int | None = None,
     max_networks_per_pass: int = 2048,
+    curve: Mapping[float, torch.Tensor] | None = None,
+    generated_temperature: float | None = None,
 ) -> Report:
     """Evaluate generated parameter vectors [N, D] against the originals they were learned from.
 
     `num_noise_models` defaults to the number of generated networks, so every noise scale is a set of
-    the same size.
+    the same size. `curve` maps sampling temperatures to vectors the same generator sampled at them
+    (the points of its accuracy-novelty curve); each is scored like the generated set.
+    `generated_temperature` is the temperature `generated` itself was sampled at, when known.
     """
     started = time.perf_counter()
     originals.validate()  # a NaN original would poison the baselines (its spread, the average) and so the verdict
@@ -323,7 +352,8 @@ def evaluate_generated(
         task, originals.base_state, originals.layout, device=device, batch_size=batch_size,
         networks_per_chunk=networks_per_chunk, max_networks_per_pass=max_networks_per_pass,
     )
-    sets = _score_sets(evaluator, originals.vectors, generated, noise, noise_base, noise_mode)
+    curve = {float(t): as_vectors(v, originals) for t, v in sorted((curve or {}).items())}
+    sets = _score_sets(evaluator, originals.vectors, generated, noise, noise_base, noise_mode, curve)
     splits = {name: len(evaluator.splits[name]) for name in SPLITS}
     stored_val = originals.column("val_accuracy")
     report = Report(
@@ -333,13 +363,13 @@ def evaluate_generated(
         nonfinite_indices=(~torch.isfinite(generated).all(1)).nonzero().flatten().tolist(),
         stored_val_accuracy_matches=bool(np.allclose(stored_val, sets["originals"].networks["val_accuracy"], atol=0.5 / splits["val"])),
         verdict=verdict(sets["generated"], sets["noise"], splits["test"], noise_mode), timing=evaluator.timing(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), generated_temperature=generated_temperature,
     )
     report.timing.total_seconds = round(time.perf_counter() - started, 4)
     return report
 
 
-def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, noise_mode: str) -> dict[str, Any]:
+def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, noise_mode: str, curve: dict) -> dict[str, Any]:
     """Score every set on both splits and measure its novelty: all on the test split's wrong-example sets
     and on the parameter vectors."""
 
@@ -370,7 +400,12 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
             for s, v in noise.items()
         ],
         "generated_generated": Novelty.of(gen_columns, "other_generated"),
+        "curve": [_curve_point(t, v, score(v), to_originals) for t, v in curve.items()],
     }
+
+
+def _curve_point(temperature: float, vectors: torch.Tensor, scores: dict[str, Scores], to_originals) -> NetworkSet:
+    return _network_set("temperature", scores, to_originals(vectors, scores), scale=temperature)
 
 
 def _network_set(kind: str, scores: dict[str, Scores], near: dict[str, list], *, scale=None, mode: str = "", base_index=None) -> NetworkSet:

@@ -107,17 +107,23 @@ class PDiffPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        temperature: float = 1.0,
     ) -> PDiffPipelineOutput | tuple:
         """Sample `num_models` parameter vectors in one denoising chain.
 
         `num_inference_steps` defaults to the steps the generator was validated with during training
         (`default_num_inference_steps` in model_index.json), else to every training timestep.
+        `temperature` scales the starting noise: below 1 the chain starts nearer the latent's centre and
+        ends nearer the networks the generator saw most (less novel, usually more accurate), above 1 further
+        out; with the default DDIM sampler (eta = 0) the chain is deterministic from there.
         The same `generator` seed gives the same networks. The denoiser runs in its own dtype (see `to`);
         the latents, the scheduler's arithmetic and the decoding stay float32, so a bf16 run starts from
         the same noise as a float32 one and only the UNet's outputs are rounded.
         """
         if num_models < 1:
             raise ValueError(f"num_models must be positive, got {num_models}")
+        if not (0 < temperature < float("inf")):
+            raise ValueError(f"temperature={temperature}: use a positive number (1 samples as trained)")
         steps = num_inference_steps if num_inference_steps is not None else self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps
         if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"num_inference_steps={steps}: use 1 to {self.scheduler.config.num_train_timesteps} (the generator's training timesteps)")
@@ -126,7 +132,7 @@ class PDiffPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self._execution_device, torch.float32) * self.scheduler.init_noise_sigma
+        latents = latents.to(self._execution_device, torch.float32) * (self.scheduler.init_noise_sigma * temperature)
 
         self.scheduler.set_timesteps(int(steps), device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
