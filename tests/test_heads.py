@@ -82,6 +82,16 @@ def test_closed_form_equals_one_by_one_on_a_fashion_mnist_slice(tmp_path):
     assert scores.accuracy.tolist() == expected and len(set(expected)) > 1
 
 
+@pytest.mark.skipif(not task_data.DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_test_size_scores_on_a_fixed_random_subset(tmp_path):
+    """`task.data.test_size` below the test split's size (the wide whole-network task on CPU): the same
+    random subset every time, drawn from the whole split."""
+    full = _task("fashion_mnist", root=str(tmp_path), download="never").data.test
+    subsets = [_task("fashion_mnist", root=str(tmp_path), download="never", test_size=300).data.test for _ in range(2)]
+    assert len(subsets[0]) == 300 and torch.equal(subsets[0].images, subsets[1].images)
+    assert not torch.equal(subsets[0].labels, full.labels[:300]) and len(set(subsets[0].labels.tolist())) == 10
+
+
 def test_fake_cifar_resnet18_batched_equals_one_by_one():
     task = _task("fake_cifar_resnet18", train_size=32, val_size=8, test_size=48)
     state, layout, vectors = _base_and_vectors(task, ["layer4.1.bn1.*", "layer4.1.bn2.*"], 6, 0.5)

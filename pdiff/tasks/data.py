@@ -74,6 +74,9 @@ def load_data(cfg: Mapping[str, Any]) -> TaskData:
     if source not in loaders:
         raise ValueError(f"unknown data source {source!r}: choose one of {sorted(loaders)}")
     train, test, max_value, num_classes = loaders[source](cfg)
+    if cfg.get("test_size") is not None and int(cfg["test_size"]) < len(test):  # a fixed random subset: faster scoring
+        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(int(cfg.get("split_seed", 0))))[: int(cfg["test_size"])]
+        test = Split(test.images[keep], test.labels[keep])
     train, val = _carve_validation(train, _validation_count(cfg["val_size"], len(train)), int(cfg.get("split_seed", 0)))
     mean, std = _channel_stats(train.images, max_value)
     return TaskData(train, val, test, num_classes, mean, std, max_value)
