@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -253,6 +254,22 @@ def _set(kind: str, mean: float, std: float, iou: float, scale: float | None = N
     stats = Stats(best=mean, mean=mean, median=mean, min=mean, std=std)
     novelty = Novelty(Summary(iou, iou, iou, iou), None)
     return NetworkSet(kind, kind, count, stats, stats, Selection(0, mean, mean), novelty, {}, scale)
+
+
+def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(report):
+    """The sweep metric: the generator's curve (validation accuracy against nearest-original IoU of
+    validation errors) interpolated at the weakest noise set's novelty, minus that set's accuracy."""
+    gen = report.generated.networks["nearest_original_val_iou"]
+    assert len(gen) == report.generated.count and gen[-2:] == [1.0, 1.0]  # the last two are exact copies
+
+    def point(kind, val_mean, val_iou, scale=None):
+        row = _set(kind, 0.5, 0.0, 0.5, scale=scale)  # test figures play no part
+        return dataclasses.replace(row, val=Stats(val_mean, val_mean, val_mean, val_mean, 0.0), networks={"nearest_original_val_iou": [val_iou]})
+
+    curve = [point("temperature", 0.90, 0.95, 0.5), point("temperature", 0.80, 0.75, 2.0)]
+    made = dataclasses.replace(report, curve=curve, generated=point("generated", 0.86, 0.85), generated_temperature=1.0, noise=[point("noise", 0.84, 0.80, 1.0)])
+    assert made.val_gain_over_noise() == pytest.approx(0.83 - 0.84)  # halfway between T=2 (0.75: 0.80) and T=1 (0.85: 0.86)
+    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() is None  # beyond the curve's reach
 
 
 def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):

@@ -233,6 +233,24 @@ class Report:
             points.append(self.generated)
         return sorted(points, key=lambda p: self.generated_temperature if p is self.generated else p.scale)
 
+    def val_gain_over_noise(self) -> float | None:
+        """Validation accuracy the generator gains over the weakest noise baseline at that baseline's novelty:
+        its curve's mean validation accuracy, interpolated at the noise set's mean nearest-original IoU of
+        validation errors, minus the noise set's. A trade-off a sweep can maximise without the test split;
+        None when the curve does not span that novelty (or there is no noise baseline)."""
+        if not self.noise or not self.curve:
+            return None
+
+        def val_novelty(row: NetworkSet) -> float:
+            return float(np.nanmean(np.asarray(row.networks.get("nearest_original_val_iou", [math.nan]), dtype=float)))
+
+        noise = self.noise[0]
+        points = sorted((val_novelty(p), p.val.mean) for p in self.curve_points())
+        novelty, target = [x for x, _ in points], val_novelty(noise)
+        if not (novelty[0] <= target <= novelty[-1]):
+            return None
+        return float(np.interp(target, novelty, [y for _, y in points])) - noise.val.mean
+
     def rows(self) -> Iterator[NetworkSet]:
         """Every set of networks in report order: originals, generated, the generator's curve, weight
         average, each noise scale."""
@@ -374,7 +392,7 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
     and on the parameter vectors."""
 
     def score(vectors: torch.Tensor) -> dict[str, Scores]:
-        return {"val": evaluator.score(vectors, "val"), "test": evaluator.score(vectors, "test", return_wrong=True)}
+        return {split: evaluator.score(vectors, split, return_wrong=True) for split in SPLITS}
 
     average = weight_average(orig_vectors)
     orig, gen, avg = score(orig_vectors), score(generated), score(average)
@@ -382,7 +400,10 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
     orig_wrong = orig["test"].wrong
 
     def to_originals(vectors, scores) -> dict[str, list]:
-        return nearest_columns(wrong_set_iou(scores["test"].wrong, orig_wrong), l2_distances(vectors, orig_vectors), "original")
+        columns = nearest_columns(wrong_set_iou(scores["test"].wrong, orig_wrong), l2_distances(vectors, orig_vectors), "original")
+        # The same novelty on validation errors, for choosing a generator without looking at the test split.
+        columns["nearest_original_val_iou"] = wrong_set_iou(scores["val"].wrong, orig["val"].wrong).max(1).values.tolist()
+        return columns
 
     def to_own_set(vectors, scores, other: str) -> dict[str, list]:
         return nearest_columns(wrong_set_iou(scores["test"].wrong), l2_distances(vectors), other, exclude_self=True)
