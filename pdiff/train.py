@@ -292,6 +292,7 @@ def _broadcast_best(accelerator: Accelerator, state: TrainingState) -> tuple[int
 def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterDataset, task: Task) -> Report:
     """Pick the generator (best on validation, else the last), evaluate it on a fresh sample, save and push it."""
     cfg, acc, started = run.cfg, run.accelerator, time.perf_counter()
+    run.threads.update()  # the cores free now: scoring a whole-network report takes minutes, with whatever count this sets
     last_median = float(validation_accuracy(task, last.target, sample_for_validation(last, int(cfg.train.eval_num_models), int(cfg.seed)), acc.device).median())
     pipe, selected = last, {"step": run.state.step, "val_acc_median": last_median}
     best_dir = Path(cfg.output_dir) / "best_generator"
