@@ -269,7 +269,8 @@ def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(repo
     curve = [point("temperature", 0.90, 0.95, 0.5), point("temperature", 0.80, 0.75, 2.0)]
     made = dataclasses.replace(report, curve=curve, generated=point("generated", 0.86, 0.85), generated_temperature=1.0, noise=[point("noise", 0.84, 0.80, 1.0)])
     assert made.val_gain_over_noise() == pytest.approx(0.83 - 0.84)  # halfway between T=2 (0.75: 0.80) and T=1 (0.85: 0.86)
-    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() is None  # beyond the curve's reach
+    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() is None  # the curve is never that novel
+    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() == pytest.approx(0.80 - 0.84)  # always more novel
 
 
 def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):
