@@ -4,7 +4,7 @@
     params = pipe(num_models=100, generator=torch.Generator().manual_seed(0)).params   # [100, D]
     nets = pipe.networks(params)                                    # ready nn.Modules
 
-Components: `autoencoder` (ParameterAutoencoder: latent <-> parameters, with normalisation),
+Components: `autoencoder` (a ParameterCodec, conv or token: latent <-> parameters, with normalisation),
 `unet` (UNet1DModel denoiser), `scheduler` (DDPM or DDIM) and `target` (TargetNetwork: base weights,
 layout and task spec). All networks of a call are sampled in one batched chain.
 
@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import hub
-from ..models import ParameterAutoencoder, TargetNetwork
+from ..models import ParameterCodec, TargetNetwork
 from ..params import LayoutMismatchError
 from .loading import InvalidGeneratorError, check_components, check_folder, check_network_code, check_weights, own_memory, resolve_folder
 
@@ -54,7 +54,7 @@ class PDiffPipelineOutput(BaseOutput):
 class PDiffPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->autoencoder"
 
-    def __init__(self, autoencoder: ParameterAutoencoder, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork, default_num_inference_steps: int | None = None):
+    def __init__(self, autoencoder: ParameterCodec, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork, default_num_inference_steps: int | None = None):
         super().__init__()
         check_components(autoencoder, unet, target)
         for module in (autoencoder, unet, target):
