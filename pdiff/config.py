@@ -133,6 +133,7 @@ class GeneratorSchema:
     scheduler: NoiseScheduleSchema = rule()
     sampler: str = rule(choices=("ddim", "ddpm"))
     num_inference_steps: int = rule(ge=1)
+    temperature: float = rule(gt=0)  # the starting noise's scale when sampling (1: as trained)
 
 
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

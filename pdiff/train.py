@@ -304,9 +304,9 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
     generated = pipe(num_models=int(cfg.train.num_final_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
     # The curve's points start from the same draws as the first networks above, scaled: only the temperature differs.
     curve = {t: pipe(num_models=int(cfg.train.curve_num_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1), temperature=t).params
-             for t in cfg.train.curve_temperatures if t != 1.0}
+             for t in cfg.train.curve_temperatures if t != pipe.default_temperature}
     report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device,
-                                       seed=int(cfg.seed), curve=curve, generated_temperature=1.0)
+                                       seed=int(cfg.seed), curve=curve, generated_temperature=pipe.default_temperature)
     report.selected = {**selected, "selected_on": "validation"}
     report.training = {**run.summary(), "final_evaluation_seconds": round(time.perf_counter() - started, 3)}
     plots = [p for p in paths.values() if str(p).endswith(".png")]

@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the steps the generator was validated with)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=positive_float, default=1.0,
-                   help="scale of the starting noise: below 1 nearer the networks the generator saw most (less novel), above 1 further out")
+    p.add_argument("--temperature", type=positive_float, default=None,
+                   help="scale of the starting noise (default: the generator's, from training): below 1 nearer the networks the generator saw most "
+                        "(less novel), above 1 further out")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
     originals = against_originals(pipe, args.dataset, args.trust_network_code) if args.evaluate and args.dataset else None
     check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
+    if args.temperature is None:
+        args.temperature = pipe.default_temperature  # recorded in the report
     params = sample_networks(pipe, args.num_models, args.steps, args.seed, args.temperature)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:

@@ -54,14 +54,19 @@ class PDiffPipelineOutput(BaseOutput):
 class PDiffPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->autoencoder"
 
-    def __init__(self, autoencoder: ParameterCodec, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork, default_num_inference_steps: int | None = None):
+    def __init__(self, autoencoder: ParameterCodec, unet: UNet1DModel, scheduler: DDPMScheduler | DDIMScheduler, target: TargetNetwork,
+                 default_num_inference_steps: int | None = None, default_temperature: float | None = None):
         super().__init__()
         check_components(autoencoder, unet, target)
         for module in (autoencoder, unet, target):
             own_memory(module)
         self.register_modules(autoencoder=autoencoder, unet=unet, scheduler=scheduler, target=target)
-        # The steps the generator was validated with (saved in model_index.json), used when a call names none.
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        # The steps and temperature the generator was validated with (saved in model_index.json), used when a call names none.
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps, default_temperature=default_temperature)
+
+    @property
+    def default_temperature(self) -> float:
+        return float(self.config.get("default_temperature") or 1.0)
 
     @property
     def layout(self):
@@ -107,7 +112,7 @@ class PDiffPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
-        temperature: float = 1.0,
+        temperature: float | None = None,
     ) -> PDiffPipelineOutput | tuple:
         """Sample `num_models` parameter vectors in one denoising chain.
 
@@ -115,13 +120,15 @@ class PDiffPipeline(DiffusionPipeline):
         (`default_num_inference_steps` in model_index.json), else to every training timestep.
         `temperature` scales the starting noise: below 1 the chain starts nearer the latent's centre and
         ends nearer the networks the generator saw most (less novel, usually more accurate), above 1 further
-        out; with the default DDIM sampler (eta = 0) the chain is deterministic from there.
+        out; with the default DDIM sampler (eta = 0) the chain is deterministic from there. It defaults to
+        the generator's `default_temperature` (`generator.temperature` in training), else 1.
         The same `generator` seed gives the same networks. The denoiser runs in its own dtype (see `to`);
         the latents, the scheduler's arithmetic and the decoding stay float32, so a bf16 run starts from
         the same noise as a float32 one and only the UNet's outputs are rounded.
         """
         if num_models < 1:
             raise ValueError(f"num_models must be positive, got {num_models}")
+        temperature = self.default_temperature if temperature is None else temperature
         if not (0 < temperature < float("inf")):
             raise ValueError(f"temperature={temperature}: use a positive number (1 samples as trained)")
         steps = num_inference_steps if num_inference_steps is not None else self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps

@@ -32,7 +32,7 @@ def build_pipeline(accelerator: Accelerator, ae, unet, ema: EMAModel | None, noi
         ema.copy_to(unet.parameters())
     pipe = PDiffPipeline(autoencoder=accelerator.unwrap_model(ae).eval(), unet=unet.eval(), target=target,
                          scheduler=sampler_scheduler(cfg.generator.sampler, noise_scheduler.config),
-                         default_num_inference_steps=int(cfg.generator.num_inference_steps))
+                         default_num_inference_steps=int(cfg.generator.num_inference_steps), default_temperature=float(cfg.generator.temperature))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
