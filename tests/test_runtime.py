@@ -76,3 +76,10 @@ def test_auto_mixed_precision_follows_the_launcher_else_native_bf16(monkeypatch)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
     assert train_script.mixed_precision(cfg) == "fp16"
     assert train_script.mixed_precision(load_config(["cpu=true", "train.mixed_precision=no"])) == "no"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_glibc_takes_the_retain_freed_memory_settings():
+    """mallopt returns 0 for a value it refuses (e.g. an mmap threshold above glibc's 32 MB ceiling); the
+    speed-up it buys (NOTES: page faults took most of batched evaluation's CPU time) is in `pdiff bench`."""
+    assert runtime.retain_freed_memory()
