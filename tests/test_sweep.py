@@ -119,11 +119,17 @@ def test_metric_name_is_what_train_logs(digits_params):
     from pdiff.data import ParameterDataset
     from pdiff.evaluation import evaluate_generated
 
+    from pdiff.evaluation import noisy_copies
+
     originals = ParameterDataset.from_pretrained(digits_params)
-    report = evaluate_generated(originals, originals.vectors[:4], noise_scales=(1.0,)).to_dict()
+    hotter = noisy_copies(originals.vectors, originals.layout, [4.0], 8, seed=1)[0][4.0]  # a curve point more novel than noise x1
+    typed = evaluate_generated(originals, originals.vectors[:8], noise_scales=(1.0,), curve={2.0: hotter}, generated_temperature=1.0)
+    report = typed.to_dict()
+    expected = {"eval/generated/val_median": typed.generated.val.median, "eval/tradeoff/val_gain_over_noise": typed.val_gain_over_noise()}
+    assert expected["eval/tradeoff/val_gain_over_noise"] is not None
     for path in SWEEP_FILES:
         name = load_sweep_config(path)["metric"]["name"]
-        assert lookup_metric(report, name) == pytest.approx(report["generated"]["val"]["median"])
+        assert lookup_metric(report, name) == pytest.approx(expected[name])
     with pytest.raises(KeyError, match="not in the report"):
         lookup_metric(report, "eval/no_such_metric")
 
