@@ -202,12 +202,13 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     assert gen.test.median >= orig.test.min - one_example
     assert gen.val.best >= orig.val.median
     assert report.selected["selected_on"] == "validation" and report.nonfinite_indices == []
-    # The temperature moves the generator along the accuracy-novelty plane: hotter, further from the originals.
+    # The temperature moves the generator along the accuracy-novelty plane: hotter, more novel mistakes.
+    # (Not necessarily further in parameter space: the coldest samples sit at the latent's centre, which
+    # need not be nearest to an original; measured here: L2 0.84, 0.82, 0.96, 1.00.)
     points = report.curve_points()
     assert [report.generated_temperature if p is gen else p.scale for p in points] == [0.5, 0.75, 1.0, 1.25]
-    distances = [p.novelty.l2.mean for p in points]
-    assert distances == sorted(distances) and distances[0] < distances[-1]
-    assert points[0].novelty.iou.mean >= points[-1].novelty.iou.mean
+    ious = [p.novelty.iou.mean for p in points]
+    assert ious == sorted(ious, reverse=True) and ious[0] > ious[-1]
 
 
 def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
