@@ -136,10 +136,12 @@ def _plot_tradeoff(ax, report: Report) -> None:
         if row.nearest("iou") is not None:
             focus.append(mean_point(row))
             ax.scatter(*focus[-1], zorder=6, **style)
-    xs, ys = (np.asarray(v, dtype=float) for v in zip(*focus))
-    pad_x, pad_y = max(np.ptp(xs), 0.02) * 0.3, max(np.ptp(ys), 2.0 / report.splits["test"]) * 0.3
-    ax.set_xlim(np.nanmin(xs) - pad_x, np.nanmax(xs) + pad_x)
-    ax.set_ylim(np.nanmin(ys) - pad_y, np.nanmax(ys) + pad_y)
+    finite = np.asarray([p for p in focus if np.isfinite(p).all()], dtype=float)  # a set of NaN networks has no novelty
+    if len(finite):
+        (x_lo, y_lo), (x_hi, y_hi) = finite.min(0), finite.max(0)
+        pad_x, pad_y = max(x_hi - x_lo, 0.02) * 0.3, max(y_hi - y_lo, 2.0 / report.splits["test"]) * 0.3
+        ax.set_xlim(x_lo - pad_x, x_hi + pad_x)
+        ax.set_ylim(y_lo - pad_y, y_hi + pad_y)
     ax.set_xlabel("mean IoU with the nearest original (set means)")
     ax.set_ylabel("mean test accuracy")
     ax.set_title("trade-off at equal novelty (zoomed)", fontsize=9)
