@@ -47,12 +47,13 @@ def task_of(pipe: PDiffPipeline, data: str | None = None) -> Task:
     return Task(task)
 
 
-def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task) -> ParameterDataset:
-    """The generated vectors as a parameter dataset, scored on validation and test like collected ones."""
+def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task, temperature: float | None = None) -> ParameterDataset:
+    """The generated vectors as a parameter dataset, scored on validation and test like collected ones; the
+    sampling temperature is recorded (`info["temperature"]`) for the report's curve."""
     net = pipe.target.net
     columns = {"step": list(range(len(params))), "seed": [seed] * len(params), **score_columns(net, pipe.layout, params, task)}
     base = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    info = {"generated": True, "in_channels": pipe.target.config.in_channels, "num_classes": pipe.target.config.num_classes}
+    info = {"generated": True, "in_channels": pipe.target.config.in_channels, "num_classes": pipe.target.config.num_classes, "temperature": temperature}
     return ParameterDataset.from_vectors(params, columns, pipe.layout, task.config, base, info)
 
 

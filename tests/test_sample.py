@@ -163,6 +163,7 @@ def test_temperature_and_the_curve_from_the_command_line(generator, digits_param
     assert "generated T=0.5" in printed and "generated T=2" in printed
     report = Report.load(out)
     assert [p.scale for p in report.curve] == [0.5, 2.0] and report.curve[0].networks["test_accuracy"] == report.generated.networks["test_accuracy"]
+    assert report.generated_temperature == 0.5  # recorded by `pdiff sample --format dataset`
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit) as exit_:
             cli(["sample", "--model", str(folder), "--temperature", bad, "--out", str(tmp_path / "never")])

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .arguments import add_trust_flag, positive_float, positive_int
 
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-model", default=None, help="a generator (folder or Hub id) whose accuracy-novelty curve to add: sampled at each --curve-temperatures")
     p.add_argument("--curve-temperatures", type=positive_float, nargs="+", default=list(CURVE_TEMPERATURES), help="sampling temperatures of the curve (default 0.5 0.75 1 1.25)")
     p.add_argument("--curve-num-models", type=positive_int, default=50, help="networks per curve point")
+    p.add_argument("--generated-temperature", type=positive_float, default=None,
+                   help="the temperature --generated was sampled at, to place it on the curve (default: what `pdiff sample --format dataset` recorded)")
     p.add_argument("--no-plots", action="store_true", help="write only report.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     add_trust_flag(p)
@@ -38,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import sys
-    from pathlib import Path
 
     from ..data import ParameterDataset
     from ..evaluation import DEFAULT_NOISE_SCALES, REPORT_FILE, evaluate_and_write, load_generated
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
         noise_scales=DEFAULT_NOISE_SCALES if args.noise_scales is None else args.noise_scales, noise_mode=args.noise_mode,
         num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk, curve=curve,
+        generated_temperature=args.generated_temperature or recorded_temperature(args.generated),
     )
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -76,3 +79,12 @@ def curve_samples(args: argparse.Namespace, originals, device) -> dict:
     pipe = load_generator(args.curve_model, str(device), trust_network_code=args.trust_network_code)
     check_base_network(originals, pipe.layout, pipe.target.net.state_dict(), f"--curve-model {args.curve_model}")  # another network's generator: refused
     return {t: sample_networks(pipe, args.curve_num_models, None, args.seed, t) for t in args.curve_temperatures}
+
+
+def recorded_temperature(generated: str) -> float | None:
+    """The sampling temperature a `pdiff sample --format dataset` folder recorded, if any."""
+    from ..data.parameter_dataset import METADATA_FILE
+    from ..io import read_json
+
+    meta = Path(generated) / METADATA_FILE
+    return (read_json(meta).get("info") or {}).get("temperature") if meta.is_file() else None
