@@ -127,8 +127,9 @@ class ThreadPolicy:
 # the same size is faulted in again page by page. pdiff's loops allocate the same activations over and
 # over: scoring 20 whole Fashion-MNIST networks took 4.95 M page faults and 12 s of system time in 19 s,
 # and 0.12 M faults, 0.5 s of system time and 11 s in all once freed memory was kept (training loops
-# gain too: the whole-network base training ran at 47 instead of 26 steps/s). Blocks up to MMAP_THRESHOLD now come from the heap, and the heap is not trimmed.
-# The cost: a process keeps its peak memory until it exits, which a pdiff command does soon after.
+# gain too: the whole-network base training ran at 47 instead of 26 steps/s). Blocks up to
+# MMAP_THRESHOLD now come from the heap, and the heap is not trimmed. The cost: a process keeps its
+# peak memory until it exits, which a pdiff command does soon after.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for this setting on 64-bit
 
