@@ -46,6 +46,7 @@ from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCod
 from pdiff.pipelines import PDiffPipeline
 from pdiff.pipelines.loading import check_component_weights
 from pdiff.runtime import free_memory, native_bf16
+from pdiff.sampling import sample_networks
 from pdiff.tasks import Task
 from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point
 from pdiff.training.loop import TrainingRun, TrainingState
@@ -301,9 +302,9 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
         selected = {"step": run.state.best_step, "val_acc_median": run.state.best_val_median}
     pipe.set_progress_bar_config(disable=True)
 
-    generated = pipe(num_models=int(cfg.train.num_final_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1)).params
+    generated = sample_networks(pipe, int(cfg.train.num_final_models), None, int(cfg.seed) + 1)
     # The curve's points start from the same draws as the first networks above, scaled: only the temperature differs.
-    curve = {t: pipe(num_models=int(cfg.train.curve_num_models), generator=torch.Generator().manual_seed(int(cfg.seed) + 1), temperature=t).params
+    curve = {t: sample_networks(pipe, int(cfg.train.curve_num_models), None, int(cfg.seed) + 1, t)
              for t in cfg.train.curve_temperatures if t != pipe.default_temperature}
     report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device,
                                        seed=int(cfg.seed), curve=curve, generated_temperature=pipe.default_temperature)
