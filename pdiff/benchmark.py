@@ -288,6 +288,7 @@ def run_benchmark(task: str, overrides: Sequence[str], *, model: str | None, dat
     """The JSON `pdiff bench` prints: the whole pipeline on `task`, sampling + evaluation of `model`, or
     (`concurrent`) training throughput alone against several runs at once."""
     device = resolve_device(device)
+    os.environ["PDIFF_CACHE"] = "off"  # the figures are of scoring, not of reading scores an earlier run kept
     result: dict[str, Any] = {"pdiff_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(device)}
     if memory_dims:
         result.update(mode="memory_by_dim", batch=batch, rows=bench_memory_by_dim(memory_dims, batch))

@@ -145,7 +145,7 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
         my_k = _share(int(cfg.task.param.k), accelerator.process_index, accelerator.num_processes)
         vectors, steps = collect_trajectory(net, layout, task, my_k, seed, accelerator.device, show_progress=accelerator.is_main_process)
         net.load_state_dict(base_state)  # evaluate on the untouched base weights
-        rows = {"params": vectors, "step": steps, "seed": [seed] * my_k, **score_columns(net, layout, vectors, task)}
+        rows = {"params": vectors, "step": steps, "seed": [seed] * my_k, **score_columns(net, layout, vectors, task, keep=True)}
         gathered = gather_object([rows])  # one dict per rank, in rank order
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()

@@ -164,6 +164,7 @@ class TrainSchema:
     num_final_models: int = rule(ge=1)
     curve_temperatures: list[float] = rule(gt=0)  # the final report's other sampling temperatures (the generator's curve)
     curve_num_models: int = rule(ge=1)
+    select_temperature: bool = rule()  # the final report samples at the temperature chosen on validation
     report_to: str = rule(choices=("none", "wandb"))
     wandb_project: str = rule()
     run_name: Optional[str] = rule(**OPTIONAL)

@@ -144,7 +144,10 @@ def _evaluation_section(report: "Report | None") -> str:
     if report.verdict.text:
         text += f"\n**Verdict:** {report.verdict.text}\n"
     if report.selected:
-        text += f"\nSelected generator: training step {report.selected.get('step')}, chosen on {report.selected.get('selected_on', 'validation')}.\n"
+        text += f"\nSelected generator: training step {report.selected.get('step')}, chosen on {report.selected.get('selected_on', 'validation')}"
+        if "temperature" in report.selected:
+            text += f"; sampling temperature {report.selected['temperature']:g}, {report.selected['temperature_rule']}"
+        text += ".\n"
     return text
 
 

@@ -28,13 +28,15 @@ class OutputError(OSError):
         return str(self.strerror)
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output", flag: str = "overwrite=true") -> None:
-    """Refuse, before any work is done, to write where something already lives unless told to (`flag`)."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "output", flag: str = "overwrite=true",
+                     elsewhere: str = "output_dir=") -> None:
+    """Refuse, before any work is done, to write where something already lives unless told to (`flag`);
+    `elsewhere` names the setting that picks another place."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; choose another directory for the {what}")
     if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already holds a {what} (or other files); pass {flag} to replace it, or choose another directory")
+        raise FileExistsError(f"{path} already holds a {what} (or other files); pass {flag} to replace it, or another {elsewhere}")
     check_writable(path.parent if not path.exists() else path)
 
 

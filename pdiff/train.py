@@ -51,7 +51,7 @@ from pdiff.tasks import Task
 from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point
 from pdiff.training.loop import TrainingRun, TrainingState
 from pdiff.training.losses import autoencoder_loss, diffusion_loss
-from pdiff.training.validation import accuracy_stats, build_pipeline, check_replicas_in_sync, reconstruction_logs, sample_for_validation, validation_accuracy
+from pdiff.training.validation import accuracy_stats, build_pipeline, check_replicas_in_sync, reconstruction_logs, sample_for_validation, select_temperature, validation_accuracy
 
 logger = get_logger(__name__)
 
@@ -290,6 +290,18 @@ def _broadcast_best(accelerator: Accelerator, state: TrainingState) -> tuple[int
     return best[0], best[1]
 
 
+def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: ParameterDataset, candidates, cfg, device) -> dict:
+    """Make the generator's default temperature the most novel one that is, on validation, as accurate as the
+    originals on average (`most_novel_temperature`); what was measured goes into the report's `selected`."""
+    reference = float(torch.as_tensor(dataset.column("val_accuracy")).mean())
+    temperature, means = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device)
+    pipe.register_to_config(default_temperature=temperature)
+    logger.info(f"temperature {temperature:g} selected on validation: mean accuracy by temperature "
+                + ", ".join(f"{t:g}: {m:.4f}" for t, m in means.items()) + f" (originals {reference:.4f})", main_process_only=True)
+    return {"temperature": temperature, "temperature_rule": "the highest whose validation mean reaches the originals'",
+            "temperature_val_means": {f"{t:g}": m for t, m in means.items()}, "originals_val_mean": reference}
+
+
 def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterDataset, task: Task) -> Report:
     """Pick the generator (best on validation, else the last), evaluate it on a fresh sample, save and push it."""
     cfg, acc, started = run.cfg, run.accelerator, time.perf_counter()
@@ -301,11 +313,16 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
         pipe = PDiffPipeline.from_pretrained(best_dir).to(acc.device)
         selected = {"step": run.state.best_step, "val_acc_median": run.state.best_val_median}
     pipe.set_progress_bar_config(disable=True)
+    temperatures = {pipe.default_temperature, *map(float, cfg.train.curve_temperatures)}
+    if cfg.train.select_temperature:
+        selected.update(select_generator_temperature(pipe, task, dataset, temperatures, cfg, acc.device))
 
     generated = sample_networks(pipe, int(cfg.train.num_final_models), None, int(cfg.seed) + 1)
     # The curve's points start from the same draws as the first networks above, scaled: only the temperature differs.
-    curve = {t: sample_networks(pipe, int(cfg.train.curve_num_models), None, int(cfg.seed) + 1, t)
-             for t in cfg.train.curve_temperatures if t != pipe.default_temperature}
+    # A point never holds more networks than the generated set itself: the curve is a view beside it.
+    per_point = min(int(cfg.train.curve_num_models), int(cfg.train.num_final_models))
+    curve = {t: sample_networks(pipe, per_point, None, int(cfg.seed) + 1, t)
+             for t in sorted(temperatures - {pipe.default_temperature})}
     report, paths = evaluate_and_write(dataset, generated, Path(cfg.output_dir) / "report", wandb_run=acc, step=run.state.step, task=task, device=acc.device,
                                        seed=int(cfg.seed), curve=curve, generated_temperature=pipe.default_temperature)
     report.selected = {**selected, "selected_on": "validation"}

@@ -35,6 +35,7 @@ os.environ["HF_HOME"] = str(_SCRATCH / "hf_home")
 os.environ["HF_DATASETS_CACHE"] = str(_SCRATCH / "hf_home" / "datasets")
 os.environ["WANDB_DIR"] = str(_SCRATCH / "wandb")
 os.environ["PDIFF_DATA_DIR"] = str(_SCRATCH / "data")
+os.environ["PDIFF_CACHE"] = str(_SCRATCH / "pdiff_cache")
 
 import pytest  # noqa: E402
 

@@ -171,6 +171,34 @@ def test_noise_baseline_in_the_report_is_reproducible(originals, candidates, rep
     assert other.noise[0].nearest("l2") != first.nearest("l2")
 
 
+def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_path, monkeypatch):
+    """A second report against the same dataset reads the originals', weight average's and noise copies'
+    scores instead of scoring them again, and says so; anything else about it is the same report."""
+    monkeypatch.setenv("PDIFF_CACHE", str(tmp_path / "cache"))
+    k, n = len(originals.vectors), len(candidates)
+    kwargs = dict(device="cpu", noise_scales=(1.0, 16.0), seed=0)
+    first, second = (evaluate_generated(originals, candidates, **kwargs) for _ in range(2))
+    assert first.timing.networks_from_cache == 0 and second.timing.networks_from_cache == k + 1 + 2 * n
+    assert first.timing.networks_evaluated == second.timing.networks_evaluated == k + 1 + 3 * n
+    assert [s.networks for s in second.noise] == [s.networks for s in first.noise] and second.originals.networks == first.originals.networks
+    assert second.generated.networks == first.generated.networks and second.verdict == first.verdict
+
+    # Fewer noise copies are the first rows of the same draw: read too (but perhaps the last, whose tail torch's
+    # vectorised randn draws differently when the total size differs). Another context (batch size) is not.
+    fewer = evaluate_generated(originals, candidates[:4], **kwargs)
+    assert k + 1 + 2 * 3 <= fewer.timing.networks_from_cache <= k + 1 + 2 * 4
+    assert evaluate_generated(originals, candidates, batch_size=7, **kwargs).timing.networks_from_cache == 0
+
+    # A damaged file is scored again (and rewritten); PDIFF_CACHE=off reads and writes nothing.
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    files[0].write_bytes(b"not a safetensors file")
+    again = evaluate_generated(originals, candidates, **kwargs)
+    assert again.timing.networks_from_cache < k + 1 + 2 * n and again.originals.networks == first.originals.networks
+    monkeypatch.setenv("PDIFF_CACHE", "off")
+    assert evaluate_generated(originals, candidates, **kwargs).timing.networks_from_cache == 0
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == files
+
+
 # -- the report ----------------------------------------------------------------------------------
 
 STATS = {"best", "mean", "median", "min", "std"}

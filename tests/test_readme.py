@@ -92,7 +92,8 @@ def test_readme_launcher_commands_dry_run(script):
 
 
 def test_first_setup_command_runs(tmp_path, run_cli):
-    """The set-up command's pipeline exactly as the README gives it, on a tiny budget: `pdiff run`."""
+    """The set-up command's pipeline exactly as the README gives it, on a tiny budget: `pdiff run`; then the
+    README again in the same folder: the set-up rerun finishes, and the Quickstart's first command says what to do."""
     setup = next(b for b in BLOCKS if "pip install -e . &&" in b and "pytest" not in b)
     steps = [argv for argv in commands() if argv and argv[0] == ".venv/bin/pdiff" and " ".join(argv) in setup.replace("\n", " ")]
     assert [s[1:] for s in steps] == [["run"]]
@@ -101,3 +102,13 @@ def test_first_setup_command_runs(tmp_path, run_cli):
     out = tmp_path / "outputs" / "digits"
     assert (out / "generator" / "model_index.json").exists() and (out / "samples" / "pdiff_dataset.json").exists()
     assert "verdict:" in proc.stdout and (out / "eval" / "report.json").exists()
+
+    again = run_cli("run", "--num-models", "4", *TINY, "cpu=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already") == 4 and "report and plots:" in again.stdout
+
+    quickstart = next(argv for argv in commands() if argv[:2] == ["pdiff", "collect"])
+    collect = run_cli(*quickstart[1:], cwd=tmp_path)
+    assert collect.returncode != 0
+    first_line = collect.stderr.strip().splitlines()[0]
+    assert "outputs/digits/params" in first_line and "overwrite=true" in first_line and "output_dir=" in first_line, first_line

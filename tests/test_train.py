@@ -18,6 +18,7 @@ from pdiff.evaluation import Report
 from pdiff.train import main
 from pdiff.training.checkpoints import STATE_FILE, complete_checkpoints
 from pdiff.training.loop import TrainingDivergedError
+from pdiff.training.validation import most_novel_temperature
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -207,8 +208,21 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     # need not be nearest to an original; measured here: L2 0.84, 0.82, 0.96, 1.00.)
     points = report.curve_points()
     assert [report.generated_temperature if p is gen else p.scale for p in points] == [0.5, 0.75, 1.0, 1.25]
+    # The report's own temperature was chosen on validation by the rule, and the saved generator samples at it.
+    chosen = report.selected
+    means = {float(t): m for t, m in chosen["temperature_val_means"].items()}
+    assert sorted(means) == [0.5, 0.75, 1.0, 1.25]
+    assert report.generated_temperature == chosen["temperature"] == most_novel_temperature(means, chosen["originals_val_mean"])
+    assert json.loads((tmp_path / "generator" / "model_index.json").read_text())["default_temperature"] == chosen["temperature"]
     ious = [p.novelty.iou.mean for p in points]
     assert ious == sorted(ious, reverse=True) and ious[0] > ious[-1]
+
+
+def test_the_temperature_rule_takes_the_most_novel_that_reaches_the_originals():
+    means = {0.5: 0.880, 0.75: 0.882, 1.0: 0.878, 1.25: 0.870}
+    assert most_novel_temperature(means, reference=0.878) == 1.0
+    assert most_novel_temperature(means, reference=0.879) == 0.75
+    assert most_novel_temperature(means, reference=0.890) == 0.75  # none reaches it: the most accurate
 
 
 def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):

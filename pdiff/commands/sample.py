@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> None:
     from ..sampling import check_sample_fits, generated_dataset, load_generator, sample_networks, task_of, write_networks
 
     out = Path(args.out)
-    check_output_dir(out, args.overwrite, "sample", flag="--overwrite")  # refuse before any work
+    check_output_dir(out, args.overwrite, "sample", flag="--overwrite", elsewhere="--out")  # refuse before any work
     report_dir = out.with_name(out.name + "-report")
     if args.evaluate and args.dataset:
-        check_output_dir(report_dir, args.overwrite, "report", flag="--overwrite")
+        check_output_dir(report_dir, args.overwrite, "report", flag="--overwrite", elsewhere="--out")
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
     originals = against_originals(pipe, args.dataset, args.trust_network_code) if args.evaluate and args.dataset else None

@@ -132,7 +132,7 @@ def import_checkpoints(sources: Sequence[str], task_config: Mapping, *, base: st
                        "their rows rebuild with the base's weights there", differs, len(files), base_path)
     vectors = torch.stack(vectors)
     if score:
-        columns = score_columns(task.build_network(base_state), layout, vectors, task)
+        columns = score_columns(task.build_network(base_state), layout, vectors, task, keep=True)
     else:
         columns = {name: [float("nan")] * len(files) for name in METRIC_COLUMNS}
     columns.update(step=list(range(len(files))), seed=[0] * len(files))

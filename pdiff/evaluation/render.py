@@ -46,7 +46,8 @@ def format_summary(report: Report) -> str:
         lines.append(f"WARNING: {len(report.nonfinite_indices)} generated networks hold NaN/Inf (counted as all wrong)")
     lines.append("verdict: " + report.verdict.text)
     t = report.timing
-    lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s)")
+    reused = f"; {t.networks_from_cache} of them read from the score cache" if t.networks_from_cache else ""
+    lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s{reused})")
     return "\n".join(lines)
 
 

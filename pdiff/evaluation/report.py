@@ -393,12 +393,13 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
     """Score every set on both splits and measure its novelty: all on the test split's wrong-example sets
     and on the parameter vectors."""
 
-    def score(vectors: torch.Tensor) -> dict[str, Scores]:
-        return {split: evaluator.score(vectors, split, return_wrong=True) for split in SPLITS}
+    def score(vectors: torch.Tensor, reference: bool = False) -> dict[str, Scores]:
+        # The reference sets are the same in every report against this dataset: kept between reports.
+        return {split: evaluator.score(vectors, split, return_wrong=True, reuse=reference) for split in SPLITS}
 
     average = weight_average(orig_vectors)
-    orig, gen, avg = score(orig_vectors), score(generated), score(average)
-    noise_scores = {s: score(v) for s, v in noise.items()}
+    orig, gen, avg = score(orig_vectors, reference=True), score(generated), score(average, reference=True)
+    noise_scores = {s: score(v, reference=True) for s, v in noise.items()}
     orig_wrong = orig["test"].wrong
 
     def to_originals(vectors, scores) -> dict[str, list]:

@@ -29,6 +29,7 @@ from ..runtime import free_memory, resolve_device, synchronize
 from ..tasks import Task
 from ..tasks.data import Split
 from ..tasks.networks import StagedNetwork
+from .cache import ScoreCache, cache_root, context_digest
 from .heads import PooledLinearHead
 from .inputs import as_vectors
 
@@ -54,6 +55,7 @@ class Timing:
     networks_per_s: float | None
     networks_per_chunk: int | None  # None: sized from free memory
     total_seconds: float | None = None
+    networks_from_cache: int = 0  # of networks_evaluated, read from the score cache (`cache.py`), not scored: not in networks_per_s
 
 
 class _Stages(nn.Module):
@@ -193,12 +195,13 @@ def evaluate_vectors(
     return Scores(correct.cpu().double() / n, loss_sum.cpu() / n, wrong)
 
 
-def score_columns(network: nn.Module, layout: ParameterLayout, vectors: torch.Tensor, task: Task) -> dict[str, list[float]]:
+def score_columns(network: nn.Module, layout: ParameterLayout, vectors: torch.Tensor, task: Task, keep: bool = False) -> dict[str, list[float]]:
     """A parameter dataset's score columns (`val_accuracy`, `val_loss`, `test_accuracy`, `test_loss`) for
-    `vectors` in `network`, which holds the base weights."""
-    scorer, columns = SuffixScorer(network, layout), {}
+    `vectors` in `network`, which holds the base weights. `keep`: these are a dataset's originals, which
+    every report against it scores again, so their scores go to the score cache (`cache.py`)."""
+    evaluator, columns = NetworkEvaluator(task, network.state_dict(), layout, device=next(network.parameters()).device), {}
     for split in SPLITS:
-        scores = evaluate_vectors(network, layout, vectors, task.data.split(split), task.data.prepare, batch_size=task.eval_batch_size, scorer=scorer)
+        scores = evaluator.score(vectors, split, reuse=keep)
         columns[f"{split}_accuracy"], columns[f"{split}_loss"] = scores.accuracy.tolist(), scores.loss.tolist()
     return columns
 
@@ -266,12 +269,17 @@ class NetworkEvaluator:
         self.prepare = task.data.prepare
         self.splits = {name: task.data.split(name).to(self.device) for name in SPLITS}
         self._features: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._caches: dict[str, ScoreCache] = {}
         self.seconds = 0.0
         self.networks_scored = 0  # networks evaluated on one split each
+        self.networks_reused = 0  # networks read from the score cache, on one split each
 
-    def score(self, vectors: torch.Tensor, split: str, return_wrong: bool = False) -> Scores:
-        """Accuracy/loss (and wrong masks) of every row of `vectors`; non-finite rows get every example wrong."""
+    def score(self, vectors: torch.Tensor, split: str, return_wrong: bool = False, reuse: bool = False) -> Scores:
+        """Accuracy/loss (and wrong masks) of every row of `vectors`; non-finite rows get every example wrong.
+        `reuse`: read rows scored by an earlier report from the score cache, and keep the new ones there."""
         self.layout.check_vectors(vectors)
+        if reuse and cache_root() is not None:
+            return self._score_reusing(vectors.reshape(-1, self.layout.dim), split, return_wrong)
         vectors = vectors.reshape(-1, self.layout.dim)
         finite = torch.isfinite(vectors).all(1)
         safe = torch.where(finite[:, None], vectors, torch.zeros((), dtype=vectors.dtype))
@@ -287,12 +295,40 @@ class NetworkEvaluator:
             scores.wrong[~finite] = True
         return scores
 
+    def _score_reusing(self, vectors: torch.Tensor, split: str, return_wrong: bool) -> Scores:
+        cache = self._cache(split)
+        keys = cache.keys(vectors)
+        found = [self._cached_row(cache, key, split) for key in keys]
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            fresh = self.score(vectors[missing], split, return_wrong=True)
+            for j, i in enumerate(missing):
+                found[i] = {"accuracy": fresh.accuracy[j : j + 1], "loss": fresh.loss[j : j + 1], "wrong": fresh.wrong[j : j + 1]}
+                cache.store(keys[i], found[i])
+        self.networks_reused += len(vectors) - len(missing)
+        return _concat([Scores(**row) for row in found], len(self.splits[split]), return_wrong)
+
+    def _cache(self, split: str) -> ScoreCache:
+        if split not in self._caches:
+            data = self.task.data.split(split)
+            context = context_digest(self.task.config, self.network, data.images, data.labels, batch_size=self.batch_size, device=self.device)
+            self._caches[split] = ScoreCache(cache_root(), context)
+        return self._caches[split]
+
+    def _cached_row(self, cache: ScoreCache, key: str, split: str) -> dict[str, torch.Tensor] | None:
+        row = cache.load(key)
+        expected = {"accuracy": (1,), "loss": (1,), "wrong": (1, len(self.splits[split]))}
+        if row is None or {k: tuple(v.shape) for k, v in row.items()} != expected:
+            return None
+        return row
+
     def timing(self) -> Timing:
         """Throughput so far; `total_seconds` is left for the caller, who knows when its work started."""
         networks = self.networks_scored / len(SPLITS)
         return Timing(
-            device=str(self.device), networks_evaluated=self.networks_scored // len(SPLITS), evaluation_seconds=round(self.seconds, 4),
+            device=str(self.device), networks_evaluated=(self.networks_scored + self.networks_reused) // len(SPLITS), evaluation_seconds=round(self.seconds, 4),
             networks_per_s=round(networks / self.seconds, 2) if self.seconds > 0 else None, networks_per_chunk=self.networks_per_chunk,
+            networks_from_cache=self.networks_reused // len(SPLITS),
         )
 
     def features(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:

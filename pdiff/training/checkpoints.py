@@ -29,7 +29,7 @@ STATE_FILE = "pdiff_state.json"  # written last into a checkpoint: marks it comp
 # Keys that may change between a run and its resumption without changing what is computed.
 RESUMABLE_KEYS = ("output_dir", "generator_dir", "train.resume_from_checkpoint", "train.report_to", "train.run_name", "train.wandb_project", "train.log_every",
                   "train.checkpointing_steps", "train.checkpoints_total_limit", "train.eval_every", "train.eval_num_models",
-                  "train.num_final_models", "train.curve_temperatures", "train.curve_num_models", "overwrite", "hub.", "generator.sampler", "generator.num_inference_steps", "generator.temperature")
+                  "train.num_final_models", "train.curve_temperatures", "train.curve_num_models", "train.select_temperature", "overwrite", "hub.", "generator.sampler", "generator.num_inference_steps", "generator.temperature")
 
 
 def checkpoint_root(cfg: DictConfig) -> Path:

@@ -37,9 +37,24 @@ def build_pipeline(accelerator: Accelerator, ae, unet, ema: EMAModel | None, noi
     return pipe
 
 
-def sample_for_validation(pipe: PDiffPipeline, num_models: int, seed: int) -> torch.Tensor:
+def sample_for_validation(pipe: PDiffPipeline, num_models: int, seed: int, temperature: float | None = None) -> torch.Tensor:
     """The same latent noise at every evaluation, so medians of different steps are comparable."""
-    return pipe(num_models=num_models, generator=torch.Generator().manual_seed(seed)).params
+    return pipe(num_models=num_models, generator=torch.Generator().manual_seed(seed), temperature=temperature).params
+
+
+def most_novel_temperature(val_means: dict[float, float], reference: float) -> float:
+    """The highest temperature whose networks' validation mean reaches `reference` (the originals'): novelty
+    grows with the temperature, so this is the most novel setting that gives nothing up on validation.
+    When none reaches it, the temperature with the best validation mean."""
+    reaching = [t for t, mean in val_means.items() if mean >= reference]
+    return max(reaching) if reaching else max(val_means, key=val_means.get)
+
+
+def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: float, num_models: int, seed: int, device) -> tuple[float, dict[float, float]]:
+    """`most_novel_temperature` among `candidates`, each scored on `num_models` fresh networks (validation only)."""
+    means = {t: float(validation_accuracy(task, pipe.target, sample_for_validation(pipe, num_models, seed, t), device).mean())
+             for t in sorted(set(candidates))}
+    return most_novel_temperature(means, reference), means
 
 
 def validation_accuracy(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
