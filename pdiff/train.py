@@ -40,7 +40,7 @@ from omegaconf import DictConfig, open_dict
 
 from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
 from pdiff.data import ParameterDataset
-from pdiff.evaluation import Report, evaluate_and_write
+from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
 from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCodec, TargetNetwork, TokenAutoencoder, UNet1DModel, autoencoder_from_config, build_unet
 from pdiff.pipelines import PDiffPipeline
@@ -327,6 +327,8 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
                                        seed=int(cfg.seed), curve=curve, generated_temperature=pipe.default_temperature)
     report.selected = {**selected, "selected_on": "validation"}
     report.training = {**run.summary(), "final_evaluation_seconds": round(time.perf_counter() - started, 3)}
+    if acc.is_main_process:  # the report folder's copy too holds what was selected and how training went
+        write_json(Path(cfg.output_dir) / "report" / REPORT_FILE, report.to_dict())
     plots = [p for p in paths.values() if str(p).endswith(".png")]
     save_generator(pipe, Path(cfg.generator_dir), report=report, plots=plots)
     logger.info(f"saved the generator to {cfg.generator_dir}", main_process_only=True)

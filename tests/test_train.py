@@ -214,6 +214,7 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     assert sorted(means) == [0.5, 0.75, 1.0, 1.25]
     assert report.generated_temperature == chosen["temperature"] == most_novel_temperature(means, chosen["originals_val_mean"])
     assert json.loads((tmp_path / "generator" / "model_index.json").read_text())["default_temperature"] == chosen["temperature"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["selected"] == chosen
     ious = [p.novelty.iou.mean for p in points]
     assert ious == sorted(ious, reverse=True) and ious[0] > ious[-1]
 
