@@ -43,6 +43,13 @@ def tensor_digest(h, tensor: torch.Tensor) -> None:
     h.update(tensor.view(torch.uint8).numpy().tobytes())
 
 
+def state_dict_digest(h, state_dict) -> None:
+    """Feed every tensor of a state dict, with its name, to the hash `h` (in name order)."""
+    for name, tensor in sorted(state_dict.items()):
+        h.update(name.encode())
+        tensor_digest(h, tensor)
+
+
 def context_digest(task_config: dict, network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                    batch_size: int, device: torch.device) -> str:
     """Everything besides the parameters that a network's scores on one split depend on."""
@@ -52,9 +59,7 @@ def context_digest(task_config: dict, network: torch.nn.Module, images: torch.Te
     h.update(json.dumps({"schema": SCHEMA, "pdiff": pdiff.__version__, "torch": torch.__version__, "device": device.type,
                          "batch_size": batch_size, "task": task_config, "network": type(network).__qualname__},
                         sort_keys=True, default=str).encode())
-    for name, tensor in sorted(network.state_dict().items()):
-        h.update(name.encode())
-        tensor_digest(h, tensor)
+    state_dict_digest(h, network.state_dict())
     tensor_digest(h, images)
     tensor_digest(h, labels)
     return h.hexdigest()

@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
+from ..evaluation.cache import state_dict_digest
 from ..evaluation.scoring import evaluate_vectors
 from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
 from ..pipelines import PDiffPipeline, sampler_scheduler
@@ -78,9 +79,7 @@ def reconstruction_logs(ae: ParameterAutoencoder, vectors: torch.Tensor, latents
 
 def state_digest(model) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    state_dict_digest(h, model.state_dict())
     return h.hexdigest()
 
 
