@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check: pdiff's CUDA tests and benchmarks in one command, every figure as JSON.
 #
-#   bash launch/gpu_check.sh --out DIR            # on a GPU machine (about 8 minutes on one H100)
-#   bash launch/gpu_check.sh --smoke --out DIR    # anywhere, in under a minute: the same steps, tiny and on CPU
+#   bash launch/gpu_check.sh --out DIR                  # on a GPU machine (about 8 minutes on one H100)
+#   bash launch/gpu_check.sh --smoke --out DIR          # anywhere, in under a minute: the same steps, tiny and on CPU
+#   bash launch/gpu_check.sh --only tests,fp16 --out DIR   # some of the steps (a rerun after a fix)
 #
-# What it runs, writing DIR/<name>.json per benchmark and DIR/gpu_tests.xml:
-#   1. pytest -m gpu                     collect -> train -> sample -> evaluate on CUDA, fp16/bf16 steps,
-#                                        bit-equal save/load, batched == one-by-one scoring, seeded sampling
-#   2. pdiff bench --task fashion_mnist  (D = 778) with train.mixed_precision = no, bf16 and fp16
-#   3. pdiff bench --task fake_cifar_resnet18 generator=paper train=paper   (D = 2,048, synthetic data)
+# What it runs, most telling first (a device machine is lent for minutes), writing DIR/<name>.json per
+# benchmark, DIR/gpu_tests.xml and the whole log as DIR/check.log:
+#   bf16, paper  pdiff bench --task fashion_mnist (D = 778) in bf16; then the paper-scale recipe
+#                generator=paper train=paper on fake_cifar_resnet18 (D = 2,048, synthetic data) at
+#                CIFAR-100's sizes (45k/5k/10k images, batch 128, K = 200), so its collection and
+#                training rates extrapolate to the real task
+#   tests        pytest -m gpu: collect -> train -> sample -> evaluate on CUDA, fp16/bf16 steps,
+#                bit-equal save/load, batched == one-by-one scoring, seeded sampling
+#   fp16, no     pdiff bench --task fashion_mnist with train.mixed_precision = fp16 and no
 # Packages the GPU image lacks come from .device/wheels and Fashion-MNIST from .device/fashion-mnist
 # (launch/gpu_wheels.sh prepares both here); pdiff itself runs from this working tree.
 set -uo pipefail  # not -e: a failed step is counted and the next one still runs
@@ -21,26 +26,35 @@ Usage: launch/gpu_check.sh --out DIR [options]
 Options:
       --out DIR     where the JSON figures (and gpu_tests.xml) go; required
       --smoke       the same steps, tiny and on CPU, in under a minute (also: --cpu)
+      --only LIST   only these steps, comma-separated: env, bf16, paper, tests, fp16, no (default: all)
+      --step-timeout S   stop a step after S seconds and go on with the next [STEP_TIMEOUT] (default: none)
       --dry-run     print the commands instead of running them [DRY_RUN=1]
   -h, --help        this text
 Executables: PYTHON (default: python3).
 USAGE
 }
 
-OUT="" SMOKE=0
+OUT="" SMOKE=0 ONLY="env,bf16,paper,tests,fp16,no" STEP_TIMEOUT="${STEP_TIMEOUT:-0}"
 while (($#)); do
     case "$1" in
         -h | --help) usage; exit 0 ;;
         --dry-run) DRY_RUN=1 ;;
         --out) OUT="${2:?$1 needs a folder}"; shift ;;
         --smoke | --cpu) SMOKE=1 ;;
+        --only) ONLY="${2:?$1 needs a comma-separated list of steps}"; shift ;;
+        --step-timeout) STEP_TIMEOUT="${2:?$1 needs seconds}"; shift ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) die "unexpected argument $1 (see --help)" ;;
     esac
     shift
 done
 [[ -n "$OUT" ]] || die "--out DIR is required: where the JSON figures go"
+is_uint "$STEP_TIMEOUT" || die "--step-timeout $STEP_TIMEOUT: give whole seconds (0: no limit)"
+for name in ${ONLY//,/ }; do
+    [[ ",env,bf16,paper,tests,fp16,no," == *",$name,"* ]] || die "--only: no step named $name (env, bf16, paper, tests, fp16, no)"
+done
 mkdir -p "$OUT"
+exec 2> >(tee -a "$OUT/check.log" >&2)  # the whole log comes back even when the machine's call is cut short
 PYTHON="${PYTHON:-python3}"
 
 if [[ -d "$REPO_ROOT/.device/wheels" ]] && ! "$PYTHON" -c "import diffusers, datasets, hydra" 2>/dev/null; then
@@ -58,7 +72,17 @@ if [[ -d "$REPO_ROOT/.device/fashion-mnist" ]]; then  # where torchvision looks 
 fi
 PDIFF_CMD=("$PYTHON" -m pdiff)
 failures=0
-step() { local name=$1; shift; log "$name"; run "$@" || { log "FAILED: $name"; failures=$((failures + 1)); }; }
+# step NAME CMD...: run CMD (stdout to the log too) when NAME is selected, within STEP_TIMEOUT; count failures.
+step() {
+    local name=$1; shift
+    [[ ",$ONLY," == *",$name,"* ]] || return 0
+    local limit=()
+    ((STEP_TIMEOUT > 0)) && limit=(timeout --kill-after=10 "$STEP_TIMEOUT")
+    log "$name"
+    local started=$SECONDS
+    run "${limit[@]}" "$@" > >(tee -a "$OUT/check.log") || { log "FAILED: $name"; failures=$((failures + 1)); }
+    log "$name took $((SECONDS - started)) s"
+}
 
 if [[ "$SMOKE" == 1 ]]; then
     DEVICE=cpu PRECISIONS=(no bf16) FASHION=(--task digits --num-models 8 --steps 4 task.param.k=16 task.base.epochs=1 train.ae_steps=8 train.diffusion_steps=8 train.eval_every=8
@@ -69,17 +93,20 @@ if [[ "$SMOKE" == 1 ]]; then
     TESTS=(-m gpu --co -q)  # collection only: the tests themselves need CUDA
 else
     DEVICE=cuda PRECISIONS=(no bf16 fp16) FASHION=(--task fashion_mnist train.ae_steps=500 train.diffusion_steps=1000)
-    PAPER=(--task fake_cifar_resnet18 generator=paper train=paper)
+    PAPER=(--task fake_cifar_resnet18 generator=paper train=paper task.data.train_size=45000 task.data.val_size=5000 task.data.test_size=10000
+           task.base.batch_size=128 task.param.batch_size=128 task.param.k=200 task.param.warmup_steps=100 task.eval.batch_size=250)
     TESTS=(-m gpu -q -p no:cacheprovider)
     [[ "$DRY_RUN" == 1 ]] || "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || die "no CUDA device visible (use --smoke to check the script on CPU)"
 fi
 
-step "environment" "$PYTHON" -c "import json, torch, diffusers, accelerate; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'diffusers': diffusers.__version__, 'accelerate': accelerate.__version__}))"
-step "gpu tests" "$PYTHON" -m pytest "$REPO_ROOT/tests" "${TESTS[@]}" --junitxml "$OUT/gpu_tests.xml"
+step env "$PYTHON" -c "import json, torch, diffusers, accelerate, datasets, pyarrow, fsspec, hydra, numpy; print(json.dumps({'pyarrow': pyarrow.__version__, 'fsspec': fsspec.__version__, 'datasets': datasets.__version__, 'numpy': numpy.__version__, 'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'diffusers': diffusers.__version__, 'accelerate': accelerate.__version__}))"
+fashion() { step "$1" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_fashion_mnist_$1.json" "${FASHION[@]}" train.mixed_precision="$1"; }
+[[ " ${PRECISIONS[*]} " == *" bf16 "* ]] && fashion bf16
+step paper "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_resnet18_paper.json" "${PAPER[@]}"
+step tests "$PYTHON" -m pytest "$REPO_ROOT/tests" "${TESTS[@]}" --junitxml "$OUT/gpu_tests.xml"
 for precision in "${PRECISIONS[@]}"; do
-    step "fashion bench ($precision)" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_fashion_mnist_$precision.json" "${FASHION[@]}" train.mixed_precision="$precision"
+    [[ "$precision" == bf16 ]] || fashion "$precision"
 done
-step "paper-scale bench" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_resnet18_paper.json" "${PAPER[@]}"
 log "done: $failures step(s) failed; figures in $OUT"
 exit $(( failures > 0 ))

@@ -366,7 +366,7 @@ def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 0 step(s) failed" in proc.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["bench_fashion_mnist_bf16.json", "bench_fashion_mnist_no.json", "bench_resnet18_paper.json", "gpu_tests.xml"]
+    assert names == ["bench_fashion_mnist_bf16.json", "bench_fashion_mnist_no.json", "bench_resnet18_paper.json", "check.log", "gpu_tests.xml"]
     for name in names[:3]:
         result = json.loads((tmp_path / "out" / name).read_text())
         assert {"collect", "autoencoder", "diffusion", "sampling_ddim", "evaluation"} <= set(result["phases"])
