@@ -93,7 +93,7 @@ if [[ "$SMOKE" == 1 ]]; then
     TESTS=(-m gpu --co -q)  # collection only: the tests themselves need CUDA
 else
     DEVICE=cuda PRECISIONS=(no bf16 fp16) FASHION=(--task fashion_mnist train.ae_steps=500 train.diffusion_steps=1000)
-    PAPER=(--task fake_cifar_resnet18 generator=paper train=paper task.data.train_size=45000 task.data.val_size=5000 task.data.test_size=10000
+    PAPER=(--task fake_cifar_resnet18 generator=paper train=paper task.data.train_size=50000 task.data.val_size=5000 task.data.test_size=10000
            task.base.batch_size=128 task.param.batch_size=128 task.param.k=200 task.param.warmup_steps=100 task.eval.batch_size=250)
     TESTS=(-m gpu -q -p no:cacheprovider)
     [[ "$DRY_RUN" == 1 ]] || "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
