@@ -9,7 +9,7 @@
 # benchmark, DIR/gpu_tests.xml and the whole log as DIR/check.log:
 #   bf16, paper  pdiff bench --task fashion_mnist (D = 778) in bf16; then the paper-scale recipe
 #                generator=paper train=paper on fake_cifar_resnet18 (D = 2,048, synthetic data) at
-#                CIFAR-100's sizes (45k/5k/10k images, batch 128, K = 200), so its collection and
+#                CIFAR-100's sizes (45k train + 5k val + 10k test images, batch 128, K = 200), so its collection and
 #                training rates extrapolate to the real task
 #   tests        pytest -m gpu: collect -> train -> sample -> evaluate on CUDA, fp16/bf16 steps,
 #                bit-equal save/load, batched == one-by-one scoring, seeded sampling
