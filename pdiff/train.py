@@ -31,6 +31,7 @@ if __name__ == "__main__":
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
@@ -161,6 +162,10 @@ def mixed_precision(cfg: DictConfig) -> str:
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     t = cfg.train
+    # Accelerate keeps one precision per process: a stage run before this one in the same process
+    # (collect, in a notebook) left its own, and Accelerator(mixed_precision=...) would refuse to change
+    # it. Only that state goes; the process group (PartialState) stays.
+    AcceleratorState._reset_state()
     return Accelerator(
         cpu=bool(cfg.cpu),
         mixed_precision=mixed_precision(cfg),
