@@ -66,6 +66,9 @@ def test_train_writes_a_loadable_generator_and_report(tmp_path, digits_params):
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path, digits_params):
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True)  # what `collect` leaves in this process (a notebook): no mixed precision; train changes it
     run_train(tmp_path, digits_params, "train.mixed_precision=bf16")
     assert json.loads((tmp_path / "replicas.json").read_text())["mixed_precision"] == "bf16"
     assert all(torch.isfinite(torch.tensor(list(losses(tmp_path).values()))))
