@@ -86,6 +86,8 @@ class ParamSchema:
 @dataclass(kw_only=True)
 class EvalSchema:
     batch_size: int = rule(ge=1)
+    noise_scales: Optional[list[float]] = rule(**OPTIONAL)  # the noise baseline's scales (null: 1 2 4 8 16 32)
+    num_noise_models: Optional[int] = rule(ge=1, **OPTIONAL)  # networks per noise scale (null: as many as generated)
 
 
 @dataclass(kw_only=True)

@@ -171,6 +171,23 @@ def test_noise_baseline_in_the_report_is_reproducible(originals, candidates, rep
     assert other.noise[0].nearest("l2") != first.nearest("l2")
 
 
+def test_the_task_sets_the_noise_baseline_and_keeps_the_kept_scores(originals, candidates, tmp_path, monkeypatch):
+    """`task.eval.noise_scales` / `num_noise_models` shape every report against the task (a whole network's
+    noise copies cost a full forward pass each); arguments still win, and scores kept under the task's
+    other settings are still read: the noise settings do not change a network's score."""
+    from pdiff.tasks import Task
+
+    monkeypatch.setenv("PDIFF_CACHE", str(tmp_path / "cache"))
+    evaluate_generated(originals, candidates[:4], device="cpu", noise_scales=(16.0,), seed=0)
+    config = originals.task.config
+    task = Task({**config, "eval": {**config["eval"], "noise_scales": [16, 4], "num_noise_models": 3}})
+    r = evaluate_generated(originals, candidates[:4], task=task, device="cpu", seed=0)
+    assert [(row.scale, row.count) for row in r.noise] == [(4.0, 3), (16.0, 3)]
+    assert r.timing.networks_from_cache >= len(originals.vectors) + 1 + 2  # originals, average, x16's first copies
+    given = evaluate_generated(originals, candidates[:4], task=task, device="cpu", noise_scales=(2.0,), num_noise_models=5)
+    assert [(row.scale, row.count) for row in given.noise] == [(2.0, 5)]
+
+
 def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_path, monkeypatch):
     """A second report against the same dataset reads the originals', weight average's and noise copies'
     scores instead of scoring them again, and says so; anything else about it is the same report."""
@@ -178,6 +195,7 @@ def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_pa
     k, n = len(originals.vectors), len(candidates)
     kwargs = dict(device="cpu", noise_scales=(1.0, 16.0), seed=0)
     first, second = (evaluate_generated(originals, candidates, **kwargs) for _ in range(2))
+    kept = sorted((tmp_path / "cache").rglob("*.safetensors"))  # this context's files
     assert first.timing.networks_from_cache == 0 and second.timing.networks_from_cache == k + 1 + 2 * n
     assert first.timing.networks_evaluated == second.timing.networks_evaluated == k + 1 + 3 * n
     assert [s.networks for s in second.noise] == [s.networks for s in first.noise] and second.originals.networks == first.originals.networks
@@ -190,10 +208,10 @@ def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_pa
     assert evaluate_generated(originals, candidates, batch_size=7, **kwargs).timing.networks_from_cache == 0
 
     # A damaged file is scored again (and rewritten); PDIFF_CACHE=off reads and writes nothing.
-    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
-    files[0].write_bytes(b"not a safetensors file")
+    kept[0].write_bytes(b"not a safetensors file")
     again = evaluate_generated(originals, candidates, **kwargs)
     assert again.timing.networks_from_cache < k + 1 + 2 * n and again.originals.networks == first.originals.networks
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
     monkeypatch.setenv("PDIFF_CACHE", "off")
     assert evaluate_generated(originals, candidates, **kwargs).timing.networks_from_cache == 0
     assert sorted((tmp_path / "cache").rglob("*.safetensors")) == files

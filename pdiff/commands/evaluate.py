@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", required=True, help="generated parameters: a parameter dataset, a `pdiff sample` folder, or a .pt/.safetensors/.npy [N, D] tensor")
     p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
-    p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default 1 2 4 8 16 32; none given: no noise baseline)")
+    p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default: the task's eval.noise_scales, else 1 2 4 8 16 32; none given: no noise baseline)")
     p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
-    p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: as many as generated)")
+    p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: the task's eval.num_noise_models, else as many as generated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
     p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
     import sys
 
     from ..data import ParameterDataset
-    from ..evaluation import DEFAULT_NOISE_SCALES, REPORT_FILE, evaluate_and_write, load_generated
+    from ..evaluation import REPORT_FILE, evaluate_and_write, load_generated
     from ..evaluation.render import format_summary
     from ..io import check_writable
     from ..runtime import resolve_device
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
               f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
     report, paths = evaluate_and_write(
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
-        noise_scales=DEFAULT_NOISE_SCALES if args.noise_scales is None else args.noise_scales, noise_mode=args.noise_mode,
+        noise_scales=args.noise_scales, noise_mode=args.noise_mode,
         num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk, curve=curve,
         generated_temperature=args.generated_temperature or recorded_temperature(args.generated),
     )

@@ -55,6 +55,9 @@ def context_digest(task_config: dict, network: torch.nn.Module, images: torch.Te
     """Everything besides the parameters that a network's scores on one split depend on."""
     import pdiff
 
+    # task.eval says how reports are made (its batch size is counted on its own); a network's score
+    # does not depend on the noise baseline's settings, so changing them keeps the kept scores.
+    task_config = {key: value for key, value in task_config.items() if key != "eval"}
     h = hashlib.sha256()
     h.update(json.dumps({"schema": SCHEMA, "pdiff": pdiff.__version__, "torch": torch.__version__, "device": device.type,
                          "batch_size": batch_size, "task": task_config, "network": type(network).__qualname__},

@@ -342,7 +342,7 @@ def evaluate_generated(
     *,
     task: Task | None = None,
     device: str | torch.device | None = None,
-    noise_scales: Sequence[float] = DEFAULT_NOISE_SCALES,
+    noise_scales: Sequence[float] | None = None,
     noise_mode: str = "spread",
     num_noise_models: int | None = None,
     seed: int = 0,
@@ -354,8 +354,9 @@ def evaluate_generated(
 ) -> Report:
     """Evaluate generated parameter vectors [N, D] against the originals they were learned from.
 
-    `num_noise_models` defaults to the number of generated networks, so every noise scale is a set of
-    the same size. `curve` maps sampling temperatures to vectors the same generator sampled at them
+    `noise_scales` and `num_noise_models` default to the task's (`task.eval.*`), else to
+    `DEFAULT_NOISE_SCALES` and the number of generated networks, so every noise scale is a set of the
+    same size; `noise_scales=()` leaves the noise baseline out. `curve` maps sampling temperatures to vectors the same generator sampled at them
     (the points of its accuracy-novelty curve); each is scored like the generated set.
     `generated_temperature` is the temperature `generated` itself was sampled at, when known.
     """
@@ -363,7 +364,9 @@ def evaluate_generated(
     originals.validate()  # a NaN original would poison the baselines (its spread, the average) and so the verdict
     generated = as_vectors(generated, originals)
     task = task or originals.task
-    num_noise_models = len(generated) if num_noise_models is None else int(num_noise_models)
+    num_noise_models = num_noise_models or task.num_noise_models or len(generated)
+    if noise_scales is None:
+        noise_scales = DEFAULT_NOISE_SCALES if task.noise_scales is None else task.noise_scales
     noise_scales = sorted({float(s) for s in noise_scales})
     noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
     if noise_scales:

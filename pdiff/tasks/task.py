@@ -33,6 +33,18 @@ class Task:
         """Images per batch when scoring many networks at once (`task.eval.batch_size`)."""
         return int(self.config["eval"]["batch_size"])
 
+    @property
+    def noise_scales(self) -> tuple[float, ...] | None:
+        """The noise baseline's scales (`task.eval.noise_scales`); None: the report's default ladder."""
+        scales = self.config["eval"].get("noise_scales")
+        return None if scales is None else tuple(float(s) for s in scales)
+
+    @property
+    def num_noise_models(self) -> int | None:
+        """Networks per noise scale (`task.eval.num_noise_models`); None: as many as are generated."""
+        count = self.config["eval"].get("num_noise_models")
+        return None if count is None else int(count)
+
     @cached_property
     def data(self) -> TaskData:
         return load_data(self.config["data"])
