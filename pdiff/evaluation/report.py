@@ -356,8 +356,9 @@ def evaluate_generated(
 
     `noise_scales` and `num_noise_models` default to the task's (`task.eval.*`), else to
     `DEFAULT_NOISE_SCALES` and the number of generated networks, so every noise scale is a set of the
-    same size; `noise_scales=()` leaves the noise baseline out. `curve` maps sampling temperatures to vectors the same generator sampled at them
-    (the points of its accuracy-novelty curve); each is scored like the generated set.
+    same size; `noise_scales=()` leaves the noise baseline out. `curve` maps sampling temperatures to
+    vectors the same generator sampled at them (the points of its accuracy-novelty curve); each is
+    scored like the generated set.
     `generated_temperature` is the temperature `generated` itself was sampled at, when known.
     """
     started = time.perf_counter()
