@@ -297,11 +297,11 @@ def _broadcast_best(accelerator: Accelerator, state: TrainingState) -> tuple[int
     return best[0], best[1]
 
 
-def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: ParameterDataset, candidates, cfg, device) -> dict:
+def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: ParameterDataset, candidates, cfg, device, known=None) -> dict:
     """Make the generator's default temperature the most novel one that is, on validation, as accurate as the
     originals on average (`most_novel_temperature`); what was measured goes into the report's `selected`."""
     reference = float(torch.as_tensor(dataset.column("val_accuracy")).mean())
-    temperature, means = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device)
+    temperature, means = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device, known)
     pipe.register_to_config(default_temperature=temperature)
     logger.info(f"temperature {temperature:g} selected on validation: mean accuracy by temperature "
                 + ", ".join(f"{t:g}: {m:.4f}" for t, m in means.items()) + f" (originals {reference:.4f})", main_process_only=True)
@@ -313,7 +313,8 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
     """Pick the generator (best on validation, else the last), evaluate it on a fresh sample, save and push it."""
     cfg, acc, started = run.cfg, run.accelerator, time.perf_counter()
     run.threads.update()  # the cores free now: scoring a whole-network report takes minutes, with whatever count this sets
-    last_median = float(validation_accuracy(task, last.target, sample_for_validation(last, int(cfg.train.eval_num_models), int(cfg.seed)), acc.device).median())
+    last_accuracy = validation_accuracy(task, last.target, sample_for_validation(last, int(cfg.train.eval_num_models), int(cfg.seed)), acc.device)
+    last_median = float(last_accuracy.median())
     pipe, selected = last, {"step": run.state.step, "val_acc_median": last_median}
     best_dir = Path(cfg.output_dir) / "best_generator"
     if run.state.best_step is not None and run.state.best_val_median > last_median and best_dir.exists():
@@ -322,7 +323,9 @@ def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterD
     pipe.set_progress_bar_config(disable=True)
     temperatures = {pipe.default_temperature, *map(float, cfg.train.curve_temperatures)}
     if cfg.train.select_temperature:
-        selected.update(select_generator_temperature(pipe, task, dataset, temperatures, cfg, acc.device))
+        # The last generator's draws at its own temperature were just scored: the same networks the selection would sample.
+        known = {last.default_temperature: float(last_accuracy.mean())} if pipe is last else None
+        selected.update(select_generator_temperature(pipe, task, dataset, temperatures, cfg, acc.device, known))
 
     generated = sample_networks(pipe, int(cfg.train.num_final_models), None, int(cfg.seed) + 1)
     # The curve's points start from the same draws as the first networks above, scaled: only the temperature differs.

@@ -51,9 +51,12 @@ def most_novel_temperature(val_means: dict[float, float], reference: float) -> f
     return max(reaching) if reaching else max(val_means, key=val_means.get)
 
 
-def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: float, num_models: int, seed: int, device) -> tuple[float, dict[float, float]]:
-    """`most_novel_temperature` among `candidates`, each scored on `num_models` fresh networks (validation only)."""
-    means = {t: float(validation_accuracy(task, pipe.target, sample_for_validation(pipe, num_models, seed, t), device).mean())
+def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: float, num_models: int, seed: int, device,
+                       known: dict[float, float] | None = None) -> tuple[float, dict[float, float]]:
+    """`most_novel_temperature` among `candidates`, each scored on `num_models` fresh networks (validation only).
+    `known`: validation means already measured on these very draws (`sample_for_validation`, same seed)."""
+    known = known or {}
+    means = {t: known[t] if t in known else float(validation_accuracy(task, pipe.target, sample_for_validation(pipe, num_models, seed, t), device).mean())
              for t in sorted(set(candidates))}
     return most_novel_temperature(means, reference), means
 
