@@ -168,3 +168,19 @@ def test_token_activation_memory_grows_with_d_over_chunk_and_conv_with_d_times_w
     tokens = TokenAutoencoder(param_dim=300_000, tensor_sizes=sizes, chunk_size=64, hidden=128)
     conv = ParameterAutoencoder(param_dim=300_000, channels=[64, 128, 256, 256])
     assert tokens.activation_bytes(50) < 8 * 2**30 < conv.activation_bytes(50)
+
+
+@pytest.mark.parametrize("generator", ["default", "large", "paper", "tokens"])
+def test_every_shipped_generator_builds_and_denoises_its_latent(generator):
+    """`generator=<name>` composes, and its autoencoder and denoiser fit each other on a real layout."""
+    from pdiff.config import load_config, to_dict
+    from pdiff.models import autoencoder_from_config
+
+    cfg = load_config([f"generator={generator}"])
+    vectors, layout = _checkpoints()
+    ae = autoencoder_from_config(to_dict(cfg.generator.autoencoder), layout).eval()
+    ae.fit_normalization(vectors, layout)
+    latents = ae.encode(ae.normalize(vectors[:2]), add_noise=False)
+    unet = build_unet(*ae.latent_shape, **to_dict(cfg.generator.unet))
+    assert unet(latents, torch.tensor([0, 999])).sample.shape == latents.shape
+    assert ae.latents_to_params(latents).shape == (2, layout.dim)
