@@ -34,7 +34,8 @@ Executables: PYTHON (default: python3).
 USAGE
 }
 
-OUT="" SMOKE=0 ONLY="env,bf16,paper,tests,fp16,no" STEP_TIMEOUT="${STEP_TIMEOUT:-0}"
+STEPS="env,bf16,paper,tests,fp16,no"  # in the order they run
+OUT="" SMOKE=0 ONLY="$STEPS" STEP_TIMEOUT="${STEP_TIMEOUT:-0}"
 while (($#)); do
     case "$1" in
         -h | --help) usage; exit 0 ;;
@@ -51,7 +52,7 @@ done
 [[ -n "$OUT" ]] || die "--out DIR is required: where the JSON figures go"
 is_uint "$STEP_TIMEOUT" || die "--step-timeout $STEP_TIMEOUT: give whole seconds (0: no limit)"
 for name in ${ONLY//,/ }; do
-    [[ ",env,bf16,paper,tests,fp16,no," == *",$name,"* ]] || die "--only: no step named $name (env, bf16, paper, tests, fp16, no)"
+    [[ ",$STEPS," == *",$name,"* ]] || die "--only: no step named $name (${STEPS//,/, })"
 done
 mkdir -p "$OUT"
 exec 2> >(tee -a "$OUT/check.log" >&2)  # the whole log comes back even when the machine's call is cut short
@@ -85,32 +86,32 @@ step() {
 }
 
 if [[ "$SMOKE" == 1 ]]; then
-    DEVICE=cpu PRECISIONS=(no bf16) FASHION=(--task digits --num-models 8 --steps 4 task.param.k=16 task.base.epochs=1 train.ae_steps=8 train.diffusion_steps=8 train.eval_every=8
+    DEVICE=cpu OTHER_PRECISIONS=(no) FASHION=(--task digits --num-models 8 --steps 4 task.param.k=16 task.base.epochs=1 train.ae_steps=8 train.diffusion_steps=8 train.eval_every=8
              train.eval_num_models=4 generator.scheduler.num_train_timesteps=20 generator.num_inference_steps=4)
     PAPER=(--task fake_cifar_resnet18 --num-models 4 --steps 4 generator=paper train=paper task.data.train_size=64 task.data.val_size=16 task.data.test_size=32
            task.base.epochs=1 task.base.batch_size=32 task.param.batch_size=16 task.param.k=8 train.batch_size=4 train.ae_steps=2 train.diffusion_steps=2
            train.eval_every=2 train.eval_num_models=2 generator.scheduler.num_train_timesteps=20 generator.num_inference_steps=4)
     TESTS=(-m gpu --co -q)  # collection only: the tests themselves need CUDA
-    OTHER_PRECISIONS=()
+    OTHER_PRECISION_ARGS=()
 else
-    DEVICE=cuda PRECISIONS=(no bf16 fp16) FASHION=(--task fashion_mnist train.ae_steps=500 train.diffusion_steps=1000)
+    DEVICE=cuda OTHER_PRECISIONS=(fp16 no) FASHION=(--task fashion_mnist train.ae_steps=500 train.diffusion_steps=1000)
     PAPER=(--task fake_cifar_resnet18 generator=paper train=paper task.data.train_size=50000 task.data.val_size=5000 task.data.test_size=10000
            task.base.batch_size=128 task.param.batch_size=128 task.param.k=200 task.param.warmup_steps=100 task.eval.batch_size=250)
     TESTS=(-m gpu -q -p no:cacheprovider)
-    OTHER_PRECISIONS=(--num-models 50)
+    OTHER_PRECISION_ARGS=(--num-models 50)
     [[ "$DRY_RUN" == 1 ]] || "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || die "no CUDA device visible (use --smoke to check the script on CPU)"
 fi
 
 step env "$PYTHON" -c "import json, torch, diffusers, accelerate, datasets, pyarrow, fsspec, hydra, numpy; print(json.dumps({'pyarrow': pyarrow.__version__, 'fsspec': fsspec.__version__, 'datasets': datasets.__version__, 'numpy': numpy.__version__, 'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'diffusers': diffusers.__version__, 'accelerate': accelerate.__version__}))"
 fashion() { step "$1" "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_fashion_mnist_$1.json" "${FASHION[@]}" train.mixed_precision="$1" "${@:2}"; }
-[[ " ${PRECISIONS[*]} " == *" bf16 "* ]] && fashion bf16
+fashion bf16
 step paper "${PDIFF_CMD[@]}" bench --device "$DEVICE" --out "$OUT/bench_resnet18_paper.json" "${PAPER[@]}"
 step tests "$PYTHON" -m pytest "$REPO_ROOT/tests" "${TESTS[@]}" --junitxml "$OUT/gpu_tests.xml"
 # The other precisions are for their step rates: 50 networks each (an H200 spent 16 s of a 118 s fp32 run on
 # the report of 200 and its 1,400 reference networks), so the whole check fits about 8 minutes.
-for precision in "${PRECISIONS[@]}"; do
-    [[ "$precision" == bf16 ]] || fashion "$precision" "${OTHER_PRECISIONS[@]}"
+for precision in "${OTHER_PRECISIONS[@]}"; do
+    fashion "$precision" "${OTHER_PRECISION_ARGS[@]}"
 done
 log "done: $failures step(s) failed; figures in $OUT"
 exit $(( failures > 0 ))
