@@ -4,6 +4,7 @@ and the set-up command and the Quickstart run for real, in order, twice (on a ti
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -111,8 +112,6 @@ def test_the_readme_twice_in_one_folder(tmp_path, run_cli):
     """The README's commands in order, twice, in one folder, as a newcomer runs them (on a tiny budget):
     the set-up command (`pdiff run`), stopped during training and run again, then the Quickstart; then both again.
     Every command finishes every time: the set-up's rerun says each stage is done, the Quickstart replaces them."""
-    import os
-
     setup = next(b for b in BLOCKS if "pip install -e . &&" in b and "pytest" not in b)
     steps = [argv for argv in commands() if argv and argv[0] == ".venv/bin/pdiff" and " ".join(argv) in setup.replace("\n", " ")]
     assert [s[1:] for s in steps] == [["run"]]
