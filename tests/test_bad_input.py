@@ -250,3 +250,22 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == f"pdiff evaluate: error: could not write {target}: No space left on device; free space or choose another output folder\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, argv, hint", [
+    ("train", ["pdiff", "train", "task=digits"], "continue with the same command plus train.resume_from_checkpoint=latest"),
+    ("train", ["pdiff", "train", "train.resume_from_checkpoint=latest"], "run the same command again to continue from the latest checkpoint"),
+    ("run", ["pdiff", "run"], "run the same command again to continue where it stopped"),
+    ("collect", ["pdiff", "collect"], "nothing was written under the output name, run the command again"),
+])
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(monkeypatch, capsys, command, argv, hint):
+    """Ctrl-C: no traceback, exit status 130, and the way to continue, which for a training depends on whether
+    the command already resumes (as `pdiff run`'s training does)."""
+    from pdiff.commands import report_failures
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert report_failures(command, stopped) == 130
+    assert capsys.readouterr().err == f"pdiff {command}: interrupted; {hint}\n"

@@ -94,6 +94,8 @@ def _one_line(err: BaseException) -> str:
 
 def _resume_hint(command: str) -> str:
     if command == "train":
+        if any(a.startswith("train.resume_from_checkpoint=") and not a.endswith("=null") for a in sys.argv):  # e.g. `pdiff run`'s
+            return "; run the same command again to continue from the latest checkpoint"
         return "; continue with the same command plus train.resume_from_checkpoint=latest"
     if command == "run":
         return "; run the same command again to continue where it stopped"
