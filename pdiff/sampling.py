@@ -70,11 +70,12 @@ def write_networks(pipe: PDiffPipeline, params: torch.Tensor, out: Path, overwri
 CHUNK = 1024  # networks per denoising chain: bounds the UNet's activations, whatever --num-models is
 
 
-def sample_networks(pipe: PDiffPipeline, num_models: int, num_inference_steps: int | None, seed: int, temperature: float | None = None) -> torch.Tensor:
+def sample_networks(pipe: PDiffPipeline, num_models: int, num_inference_steps: int | None, seed: int, temperature: float | None = None,
+                    eta: float = 0.0) -> torch.Tensor:
     """`num_models` parameter vectors, in chains of at most CHUNK networks; chain i is seeded with seed + i,
     so up to CHUNK networks are exactly `pipe(num_models, generator=manual_seed(seed))`."""
     parts = [pipe(num_models=min(CHUNK, num_models - lo), num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + i),
-                  temperature=temperature).params
+                  temperature=temperature, eta=eta).params
              for i, lo in enumerate(range(0, num_models, CHUNK))]
     return torch.cat(parts)
 

@@ -119,6 +119,21 @@ def test_default_steps_and_argument_errors(dataset, pipe):
     assert torch.equal(pipe(num_models=2, num_inference_steps=3, latents=latents).params, pipe(num_models=2, num_inference_steps=3, latents=latents.clone()).params)
 
 
+def test_ddim_eta_adds_fresh_noise_per_step_and_stays_seeded(dataset, pipe):
+    latents = torch.randn(4, *pipe.autoencoder.latent_shape, generator=torch.Generator().manual_seed(5))
+
+    def run(eta: float, seed: int) -> torch.Tensor:
+        return pipe(num_models=4, num_inference_steps=5, latents=latents.clone(), eta=eta, generator=torch.Generator().manual_seed(seed)).params
+
+    assert torch.equal(run(0.0, 1), run(0.0, 2))  # deterministic DDIM: the seed only draws the starting noise
+    assert torch.equal(run(1.0, 1), run(1.0, 1)) and not torch.equal(run(1.0, 1), run(1.0, 2))  # fresh noise per step, from the seed
+    assert not torch.equal(run(1.0, 1), run(0.0, 1))
+    with pytest.raises(ValueError, match="eta=1.5"):
+        pipe(num_models=1, eta=1.5)
+    with pytest.raises(ValueError, match="DDIM sampler"):
+        tiny_generator(dataset, sampler="ddpm")(num_models=1, num_inference_steps=2, eta=0.5)
+
+
 def test_ddim_defaults_to_the_steps_saved_with_the_generator(dataset, tmp_path):
     gen = tiny_generator(dataset)
     gen.register_to_config(default_num_inference_steps=6)

@@ -1,10 +1,10 @@
-"""`pdiff run`: the whole method in one command that continues where it stopped."""
+"""`pdiff run`: the whole method in one command that continues where it stopped.
+
+Every stage once, a finished run's rerun and a stop during training continued are tested where the README
+uses them: tests/test_readme.py runs its set-up command (`pdiff run`) that way.
+"""
 
 from __future__ import annotations
-
-
-# Every stage once, a finished run's rerun, and a stop during training continued: tests/test_readme.py runs
-# them as the README's set-up command.
 
 
 def test_run_refuses_bad_config_before_any_stage(tmp_path, run_cli):

@@ -168,3 +168,18 @@ def test_temperature_and_the_curve_from_the_command_line(generator, digits_param
         with pytest.raises(SystemExit) as exit_:
             cli(["sample", "--model", str(folder), "--temperature", bad, "--out", str(tmp_path / "never")])
         assert exit_.value.code == 2 and "is not a positive number" in capsys.readouterr().err
+
+
+def test_eta_from_the_command_line(generator, tmp_path, capsys):
+    """`--eta` reaches DDIM's step: the networks are the pipeline's with the same seed; bad values are one line."""
+    pipe, folder = generator
+    out = tmp_path / "stochastic"
+    assert cli(["sample", "--model", str(folder), "--num-models", "3", "--steps", "3", "--eta", "1", "--out", str(out), "--format", "dataset"]) == 0
+    expected = pipe(num_models=3, num_inference_steps=3, generator=torch.Generator().manual_seed(0), eta=1.0).params
+    assert torch.equal(ParameterDataset.from_pretrained(out).vectors, expected)
+    for bad in ("-0.1", "2", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["sample", "--model", str(folder), "--eta", bad, "--out", str(tmp_path / "never")])
+        assert exit_.value.code == 2 and "--eta" in capsys.readouterr().err
+    assert cli(["sample", "--model", str(folder), "--eta", "0.5", "--sampler", "ddpm", "--out", str(tmp_path / "never")]) == 2
+    assert "--eta applies to the DDIM sampler" in capsys.readouterr().err and not (tmp_path / "never").exists()

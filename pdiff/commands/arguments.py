@@ -28,6 +28,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (DDIM's eta)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-network-code", action="store_true",
                         help="allow a Hub generator or dataset whose network is user code (task.network._target_) to import that module")

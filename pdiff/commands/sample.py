@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import add_trust_flag, positive_float, positive_int
+from .arguments import add_trust_flag, positive_float, positive_int, unit_interval
 
 if TYPE_CHECKING:
     from ..data import ParameterDataset
@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=positive_float, default=None,
                    help="scale of the starting noise (default: the generator's, from training): below 1 nearer the networks the generator saw most "
                         "(less novel), above 1 further out")
+    p.add_argument("--eta", type=unit_interval, default=0.0,
+                   help="DDIM's eta: 0 (default) denoises deterministically from the starting noise, 1 adds fresh noise at every step like DDPM")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--evaluate", action="store_true", help="report accuracy on the task's validation and test splits")
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> None:
     from ..sampling import check_sample_fits, generated_dataset, load_generator, sample_networks, task_of, write_networks
 
     out = Path(args.out)
+    if args.eta and args.sampler == "ddpm":
+        raise ValueError("--eta applies to the DDIM sampler: drop --eta, or use --sampler ddim")
     check_output_dir(out, args.overwrite, "sample", flag="--overwrite", elsewhere="--out")  # refuse before any work
     report_dir = out.with_name(out.name + "-report")
     if args.evaluate and args.dataset:
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
     if args.temperature is None:
         args.temperature = pipe.default_temperature  # recorded in the report
-    params = sample_networks(pipe, args.num_models, args.steps, args.seed, args.temperature)
+    params = sample_networks(pipe, args.num_models, args.steps, args.seed, args.temperature, args.eta)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
         generated = generated_dataset(pipe, params, args.seed, task_of(pipe, args.data), args.temperature)

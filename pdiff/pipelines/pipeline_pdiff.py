@@ -113,6 +113,7 @@ class PDiffPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
         temperature: float | None = None,
+        eta: float = 0.0,
     ) -> PDiffPipelineOutput | tuple:
         """Sample `num_models` parameter vectors in one denoising chain.
 
@@ -122,6 +123,8 @@ class PDiffPipeline(DiffusionPipeline):
         ends nearer the networks the generator saw most (less novel, usually more accurate), above 1 further
         out; with the default DDIM sampler (eta = 0) the chain is deterministic from there. It defaults to
         the generator's `default_temperature` (`generator.temperature` in training), else 1.
+        `eta` is DDIM's: 0 samples deterministically from the starting noise, 1 adds fresh noise at every
+        step as DDPM does (diffusers' `DDIMScheduler.step`).
         The same `generator` seed gives the same networks. The denoiser runs in its own dtype (see `to`);
         the latents, the scheduler's arithmetic and the decoding stay float32, so a bf16 run starts from
         the same noise as a float32 one and only the UNet's outputs are rounded.
@@ -131,6 +134,11 @@ class PDiffPipeline(DiffusionPipeline):
         temperature = self.default_temperature if temperature is None else temperature
         if not (0 < temperature < float("inf")):
             raise ValueError(f"temperature={temperature}: use a positive number (1 samples as trained)")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta={eta}: use 0 (deterministic DDIM) to 1 (as much fresh noise per step as DDPM)")
+        step_kwargs = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
+        if eta and not step_kwargs:
+            raise ValueError(f"eta applies to the DDIM sampler; this pipeline samples with {type(self.scheduler).__name__}")
         steps = num_inference_steps if num_inference_steps is not None else self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps
         if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"num_inference_steps={steps}: use 1 to {self.scheduler.config.num_train_timesteps} (the generator's training timesteps)")
@@ -144,7 +152,7 @@ class PDiffPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(int(steps), device=self._execution_device)
         for t in self.progress_bar(self.scheduler.timesteps):
             noise_pred = self.unet(latents.to(self.unet.dtype), t).sample.float()
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(noise_pred, t, latents, generator=generator, **step_kwargs).prev_sample
 
         params = self.autoencoder.latents_to_params(latents.to(self.autoencoder.dtype)).float().cpu()
         self.maybe_free_model_hooks()
