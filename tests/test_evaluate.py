@@ -325,14 +325,28 @@ def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):
 
 
 def test_verdict_compares_at_equal_novelty():
-    entries = [(1.0, 0.95, 0.90, 0.0), (4.0, 0.82, 0.85, 0.0), (16.0, 0.50, 0.60, 0.0)]
-    v = _verdict(0.87, 0.0, entries)
-    assert v.matched_scale == 4.0 and v.outcome == "beats" and v.equal_novelty  # 0.82 is closest to 0.80
-    assert _verdict(0.80, 0.0, entries).outcome == "loses"
-    assert _verdict(0.8505, 0.0, entries).outcome == "ties"  # less than one test example apart
-    assert _verdict(0.87, 0.1, entries).outcome == "ties"  # 2 standard errors = 0.028 > 0.02
+    """Between two noise scales the baseline is noise's accuracy interpolated at the generated set's own IoU:
+    a set between x4 and x16 is held to noise there, not to the more novel, less accurate x16."""
+    entries = [(1.0, 0.95, 0.90, 0.0), (4.0, 0.84, 0.85, 0.0), (16.0, 0.50, 0.60, 0.0)]  # (scale, IoU, test mean, std)
+    at_080 = 0.85 + (0.84 - 0.80) / (0.84 - 0.50) * (0.60 - 0.85)  # the generated sets below sit at IoU 0.80
+    v = _verdict(at_080 + 0.02, 0.0, entries)
+    assert v.noise_test_mean == pytest.approx(at_080) and v.noise_mean_nearest_iou == pytest.approx(0.80)
+    assert v.interpolated_between == [4.0, 16.0] and v.matched_scale == 4.0 and v.equal_novelty  # x4 is 0.04 away
+    assert v.outcome == "beats" and "noise interpolated between scales 4 and 16" in v.text
+    assert _verdict(at_080 - 0.002, 0.0, entries).outcome == "loses"
+    assert _verdict(at_080 + 0.0005, 0.0, entries).outcome == "ties"  # less than one test example apart
+    assert _verdict(0.62, 0.0, entries).outcome == "loses"  # x16's accuracy alone would have made this a win
+    spread = _verdict(at_080 + 0.02, 0.1, entries)  # 2 standard errors: 2 x sqrt(0.1^2 / 50) = 0.028 > 0.02
+    assert spread.outcome == "ties" and spread.standard_error == pytest.approx(0.1 / 50**0.5)
+    noisy = _verdict(at_080 + 0.02, 0.0, [(4.0, 0.84, 0.85, 0.1), (16.0, 0.50, 0.60, 0.1)])
+    w = (0.84 - 0.80) / (0.84 - 0.50)
+    assert noisy.standard_error == pytest.approx(0.1 * ((1 - w) ** 2 + w**2) ** 0.5 / 50**0.5)  # two independent set means, weighted
+    # Outside the noise curve the nearest scale stands in; no scale near: the line says so.
     far = _verdict(0.87, 0.0, [(1.0, 0.99, 0.90, 0.0)])
+    assert far.interpolated_between is None and far.noise_test_mean == 0.90 and "for noise scale 1 " in far.text
     assert not far.equal_novelty and "add noise scales" in far.text
+    wide = _verdict(0.87, 0.0, [(1.0, 0.95, 0.90, 0.0), (16.0, 0.50, 0.60, 0.0)])  # interpolated across a 0.45 IoU gap
+    assert wide.interpolated_between == [1.0, 16.0] and not wide.equal_novelty and "add noise scales" in wide.text
 
 
 def test_no_noise_baseline_and_a_nonfinite_network(originals, candidates):

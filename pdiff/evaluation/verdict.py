@@ -1,10 +1,13 @@
 """The verdict: one line saying whether the generated set beats the noise baseline at equal novelty.
 
-The generated set is compared with the noise scale whose mean nearest-original IoU is closest to the
-generated set's (equal novelty): a generator that merely perturbs its training checkpoints should do no
-better than noise that moves them as far. It *beats* that baseline when its mean test accuracy is higher
-by a margin of at least max(1 / N_test, 2 standard errors of the difference of the two means), *loses*
-when lower by as much, and *ties* otherwise. When no scale comes within 0.05 IoU the line says so.
+The generated set is compared with noise at its own mean nearest-original IoU (equal novelty): a generator
+that merely perturbs its training checkpoints should do no better than noise that moves them as far. The
+noise scales form a curve of accuracy against IoU; between the two scales around the generated set's IoU
+the baseline is read off that curve by linear interpolation, so a set that falls between x1 and x2 is held
+to the accuracy noise has *there*, not to the more novel (and less accurate) of the two. Outside the curve
+the nearest scale stands in. When no scale is within 0.05 IoU the line says so. The generated set
+*beats* the baseline when its mean test accuracy is higher by a margin of at least max(1 / N_test, 2 standard
+errors of the difference), *loses* when lower by as much, and *ties* otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ if TYPE_CHECKING:  # report.py imports this module: the type only, no import cyc
 
 EQUAL_NOVELTY_TOLERANCE = 0.05  # mean-IoU gap up to which a noise scale counts as "equal novelty"
 VERDICT_RULE = (
-    "compare with the noise scale whose mean nearest-original test-error IoU is closest to the generated set's; "
+    "compare with the noise baseline at the generated set's mean nearest-original test-error IoU: the noise scales' "
+    "mean test accuracy interpolated linearly in IoU between the two scales around it (outside them, the nearest scale); "
     "beats/loses when the mean test accuracies differ by at least max(1/N_test, 2 x the standard error of the "
     "difference of means, Welch), ties otherwise"
 )
@@ -30,7 +34,8 @@ class Verdict:
 
     rule: str
     outcome: str | None  # "beats" | "loses" | "ties"; None without a noise baseline
-    matched_scale: float | None = None
+    matched_scale: float | None = None  # the scale nearest in IoU
+    interpolated_between: list[float] | None = None  # the two scales the baseline was interpolated between, if it was
     generated_mean_nearest_iou: float | None = None
     noise_mean_nearest_iou: float | None = None
     generated_test_mean: float | None = None
@@ -54,21 +59,41 @@ def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, n
         return Verdict(VERDICT_RULE, None, text="no noise baseline was evaluated: no verdict")
     g = generated.novelty.iou.mean
     match = min(noise, key=lambda s: (abs(s.novelty.iou.mean - g), s.scale))
-    n = match.novelty.iou.mean
-    diff = generated.test.mean - match.test.mean
-    stderr = math.sqrt(generated.test.std**2 / generated.count + match.test.std**2 / match.count)
+    weights = _weights_at(noise, g) or {match.scale: 1.0}
+    scales = {s.scale: s for s in noise}
+    noise_mean = sum(w * scales[k].test.mean for k, w in weights.items())
+    n = sum(w * scales[k].novelty.iou.mean for k, w in weights.items())
+    diff = generated.test.mean - noise_mean
+    # The interpolated mean is a weighted sum of two independent set means: its variance is the weighted sum of theirs.
+    stderr = math.sqrt(generated.test.std**2 / generated.count + sum(w**2 * scales[k].test.std**2 / scales[k].count for k, w in weights.items()))
     margin = max(1.0 / num_test, 2 * stderr)
     outcome = "beats" if diff >= margin else "loses to" if diff <= -margin else "ties with"
+    between = sorted(weights) if len(weights) == 2 else None
+    where = f"noise interpolated between scales {between[0]:g} and {between[1]:g}" if between else f"noise scale {match.scale:g}"
     text = (
-        f"generated {outcome} noise at equal novelty: mean test accuracy {generated.test.mean:.4f} vs {match.test.mean:.4f} "
+        f"generated {outcome} noise at equal novelty: mean test accuracy {generated.test.mean:.4f} vs {noise_mean:.4f} "
         f"({diff:+.4f}, margin {margin:.4f}) "
-        f"for noise scale {match.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
+        f"for {where} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
     )
-    if abs(n - g) > EQUAL_NOVELTY_TOLERANCE:
+    gap = abs(match.novelty.iou.mean - g)  # interpolated or not, how far the nearest measured noise set is
+    if gap > EQUAL_NOVELTY_TOLERANCE:
         text += f"; no scale within {EQUAL_NOVELTY_TOLERANCE} IoU, add noise scales for a fair match"
     return Verdict(
-        VERDICT_RULE, outcome.split()[0], matched_scale=match.scale, generated_mean_nearest_iou=g, noise_mean_nearest_iou=n,
-        generated_test_mean=generated.test.mean, noise_test_mean=match.test.mean, difference=diff, standard_error=stderr, margin=margin,
-        equal_novelty=abs(n - g) <= EQUAL_NOVELTY_TOLERANCE, generated_best_on_val_test=generated.best_on_val.test_accuracy,
+        VERDICT_RULE, outcome.split()[0], matched_scale=match.scale, interpolated_between=between, generated_mean_nearest_iou=g,
+        noise_mean_nearest_iou=n, generated_test_mean=generated.test.mean, noise_test_mean=noise_mean, difference=diff, standard_error=stderr, margin=margin,
+        equal_novelty=gap <= EQUAL_NOVELTY_TOLERANCE, generated_best_on_val_test=generated.best_on_val.test_accuracy,
         noise_best_on_val_test=match.best_on_val.test_accuracy, text=text,
     )
+
+
+def _weights_at(noise: Sequence[NetworkSet], iou: float) -> dict[float, float] | None:
+    """{scale: weight} of the two noise sets whose mean IoU brackets `iou` (linear interpolation), or None
+    when `iou` is outside the noise curve or on one of its points."""
+    above = [s for s in noise if s.novelty.iou.mean > iou]  # less novel than the generated set
+    below = [s for s in noise if s.novelty.iou.mean < iou]  # more novel
+    if not above or not below:
+        return None
+    a = min(above, key=lambda s: s.novelty.iou.mean)
+    b = max(below, key=lambda s: s.novelty.iou.mean)
+    w = (a.novelty.iou.mean - iou) / (a.novelty.iou.mean - b.novelty.iou.mean)
+    return {a.scale: 1.0 - w, b.scale: w}
