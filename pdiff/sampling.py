@@ -47,13 +47,15 @@ def task_of(pipe: PDiffPipeline, data: str | None = None) -> Task:
     return Task(task)
 
 
-def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task, temperature: float | None = None) -> ParameterDataset:
+def generated_dataset(pipe: PDiffPipeline, params: torch.Tensor, seed: int, task: Task, temperature: float | None = None,
+                      eta: float = 0.0) -> ParameterDataset:
     """The generated vectors as a parameter dataset, scored on validation and test like collected ones; the
-    sampling temperature is recorded (`info["temperature"]`) for the report's curve."""
+    sampling temperature is recorded (`info["temperature"]`) for the report's curve, and DDIM's eta beside it."""
     net = pipe.target.net
     columns = {"step": list(range(len(params))), "seed": [seed] * len(params), **score_columns(net, pipe.layout, params, task)}
     base = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    info = {"generated": True, "in_channels": pipe.target.config.in_channels, "num_classes": pipe.target.config.num_classes, "temperature": temperature}
+    info = {"generated": True, "in_channels": pipe.target.config.in_channels, "num_classes": pipe.target.config.num_classes, "temperature": temperature,
+            "eta": eta}
     return ParameterDataset.from_vectors(params, columns, pipe.layout, task.config, base, info)
 
 

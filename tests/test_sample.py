@@ -176,7 +176,8 @@ def test_eta_from_the_command_line(generator, tmp_path, capsys):
     out = tmp_path / "stochastic"
     assert cli(["sample", "--model", str(folder), "--num-models", "3", "--steps", "3", "--eta", "1", "--out", str(out), "--format", "dataset"]) == 0
     expected = pipe(num_models=3, num_inference_steps=3, generator=torch.Generator().manual_seed(0), eta=1.0).params
-    assert torch.equal(ParameterDataset.from_pretrained(out).vectors, expected)
+    written = ParameterDataset.from_pretrained(out)
+    assert torch.equal(written.vectors, expected) and written.info["eta"] == 1.0
     for bad in ("-0.1", "2", "x"):
         with pytest.raises(SystemExit) as exit_:
             cli(["sample", "--model", str(folder), "--eta", bad, "--out", str(tmp_path / "never")])

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     params = sample_networks(pipe, args.num_models, args.steps, args.seed, args.temperature, args.eta)
     seconds = time.perf_counter() - started
     if args.format == "dataset" or args.evaluate:
-        generated = generated_dataset(pipe, params, args.seed, task_of(pipe, args.data), args.temperature)
+        generated = generated_dataset(pipe, params, args.seed, task_of(pipe, args.data), args.temperature, args.eta)
     if args.format == "dataset":
         generated.save_to_disk(out, overwrite=args.overwrite)
     else:
