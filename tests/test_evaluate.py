@@ -319,6 +319,22 @@ def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(repo
     assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() == pytest.approx(0.80 - 0.84)  # always more novel
 
 
+def test_the_summary_says_where_the_novelty_comes_from(report):
+    """The generated networks that reach the originals' mean validation accuracy against the rest: validation
+    draws the line, test describes the parts (a hot sample's novelty can be all in its weaker networks)."""
+    nets = {"val_accuracy": [0.90, 0.70, 0.95, 0.60], "test_accuracy": [0.88, 0.65, 0.90, 0.50], "nearest_original_iou": [0.95, 0.50, 0.85, 0.40]}
+    originals = dataclasses.replace(report.originals, val=Stats(best=0.9, mean=0.8, median=0.8, min=0.7, std=0.05))
+    made = dataclasses.replace(report, originals=originals, generated=dataclasses.replace(report.generated, count=4, networks=nets))
+    part = made.accurate_part()
+    assert (part.count, part.total) == (2, 4) and part.test_mean == pytest.approx(0.89) and part.nearest_iou == pytest.approx(0.90)
+    assert part.rest_test_mean == pytest.approx(0.575) and part.rest_nearest_iou == pytest.approx(0.45)
+    assert ("generated reaching the originals' val mean 0.8000: 2 of 4, test mean 0.8900, near IoU 0.900; "
+            "the rest: test mean 0.5750, near IoU 0.450") in format_summary(made).splitlines()
+    weak = dataclasses.replace(made, originals=dataclasses.replace(originals, val=Stats(best=1.0, mean=0.99, median=0.99, min=0.99, std=0.0)))
+    assert "generated reaching the originals' val mean 0.9900: none of 4" in format_summary(weak)
+    assert dataclasses.replace(made, generated=dataclasses.replace(made.generated, networks={})).accurate_part() is None
+
+
 def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):
     noise = [_set("noise", m, sd, iou, scale=s) for s, iou, m, sd in noise_entries]
     return verdict(_set("generated", gen_mean, gen_std, 0.80), noise, n_test, "spread")

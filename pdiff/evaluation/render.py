@@ -42,6 +42,9 @@ def format_summary(report: Report) -> str:
         "near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original; "
         f"generated<->generated IoU {_mean(gg.iou):.3f}" if gg else "near IoU/L2: mean max IoU / min L2 to the nearest original"
     )
+    part = report.accurate_part()
+    if part is not None:
+        lines.append(_accurate_part_line(part))
     if report.nonfinite_indices:
         lines.append(f"WARNING: {len(report.nonfinite_indices)} generated networks hold NaN/Inf (counted as all wrong)")
     lines.append("verdict: " + report.verdict.text)
@@ -49,6 +52,16 @@ def format_summary(report: Report) -> str:
     reused = f"; {t.networks_from_cache} of them read from the score cache" if t.networks_from_cache else ""
     lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s{reused})")
     return "\n".join(lines)
+
+
+def _accurate_part_line(part) -> str:
+    head = f"generated reaching the originals' val mean {part.threshold:.4f}: "
+    if not part.count:
+        return head + f"none of {part.total}"
+    line = head + f"{part.count} of {part.total}, test mean {part.test_mean:.4f}, near IoU {part.nearest_iou:.3f}"
+    if part.count < part.total:
+        line += f"; the rest: test mean {part.rest_test_mean:.4f}, near IoU {part.rest_nearest_iou:.3f}"
+    return line
 
 
 def _num(value: Any, fmt: str = ".4f") -> str:

@@ -23,11 +23,10 @@ What the report holds, and the choices behind it:
 * **The generator's curve**: the generated set again at other sampling temperatures (the starting
   noise's scale, `PDiffPipeline(temperature=...)`), each scored like the generated set, so the report
   shows where the generator sits on the accuracy-novelty plane and how far it can move along it.
-* **Verdict**, one line: the generated set is compared with the noise scale whose mean nearest-original
-  IoU is closest to the generated set's (equal novelty). It *beats* that baseline when its mean test
-  accuracy is higher by a margin of at least max(1 / N_test, 2 standard errors of the difference of
-  the two means), *loses* when lower by as much, and *ties* otherwise. When no scale comes within 0.05
-  IoU the line says so: add scales.
+* **Verdict**, one line: the generated set against noise at its own mean nearest-original IoU (equal
+  novelty), read off the noise scales' curve between the two scales around it (see `verdict.py`).
+* **Where the novelty comes from**: the generated networks that reach the originals' mean validation
+  accuracy against the rest, each part's test mean and nearest-original IoU (`Report.accurate_part`).
 
 Networks with NaN/Inf parameters count as getting every example wrong (accuracy 0, loss null) and are
 listed in `nonfinite_indices`, so a generator that produces garbage is visible rather than skipped.
@@ -197,6 +196,20 @@ def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class AccuratePart:
+    """The generated networks whose validation accuracy reaches the originals' mean ("accurate") and the rest:
+    how many, and each part's mean test accuracy and mean nearest-original IoU (None for an empty part)."""
+
+    threshold: float
+    count: int
+    total: int
+    test_mean: float | None
+    nearest_iou: float | None
+    rest_test_mean: float | None
+    rest_nearest_iou: float | None
+
+
+@dataclass
 class Report:
     """Everything `evaluate_generated` found; see the module docstring. `selected` and `training` are
     set by the training script before the report is saved next to the generator."""
@@ -252,6 +265,23 @@ class Report:
         if target > novelty[-1]:
             return None
         return float(np.interp(target, novelty, [y for _, y in points])) - noise.val.mean
+
+    def accurate_part(self) -> AccuratePart | None:
+        """Where the generated set's novelty comes from. A hotter sample is more novel on average, but when its
+        accurate networks sit as near the originals as a colder sample's, the extra novelty is all in its weaker
+        networks. Validation draws the line (the originals' mean); test only describes the two parts. None
+        without per-network novelty."""
+        g = self.generated.networks
+        if not g.get("nearest_original_iou"):
+            return None
+        val, test, iou = (np.asarray(g[k], dtype=float) for k in ("val_accuracy", "test_accuracy", "nearest_original_iou"))
+        accurate = val >= self.originals.val.mean
+
+        def mean(x: np.ndarray) -> float | None:
+            return float(x.mean()) if x.size else None
+
+        return AccuratePart(self.originals.val.mean, int(accurate.sum()), len(val), mean(test[accurate]), mean(iou[accurate]),
+                            mean(test[~accurate]), mean(iou[~accurate]))
 
     def rows(self) -> Iterator[NetworkSet]:
         """Every set of networks in report order: originals, generated, the generator's curve, weight
