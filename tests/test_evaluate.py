@@ -425,6 +425,8 @@ def test_every_renderer_works_from_a_loaded_report(report, tmp_path):
     assert len(table_rows) == sum(r.count for r in rows) and columns[0] == "kind"
     metrics = summary_metrics(loaded)
     assert metrics["generated/val_median"] == loaded.generated.val.median and metrics["weight_average/test_accuracy"] == avg.test.mean
+    part = loaded.accurate_part()
+    assert metrics["accurate_part/share"] == part.count / part.total and metrics.get("accurate_part/nearest_original_iou_mean") == part.nearest_iou
     paths = plot_report(loaded, tmp_path / "plots")
     assert set(paths) == set(PLOT_FILES) and all(p.read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
 

@@ -107,6 +107,10 @@ def summary_metrics(report: Report) -> dict[str, float]:
         if novelty is not None and novelty.iou is not None:
             out[f"similarity/{name}_iou_mean"] = novelty.iou.mean
             out[f"similarity/{name}_l2_mean"] = novelty.l2.mean if novelty.l2 else None
+    part = report.accurate_part()
+    if part is not None:
+        out["accurate_part/share"] = part.count / part.total
+        out["accurate_part/test_mean"], out["accurate_part/nearest_original_iou_mean"] = part.test_mean, part.nearest_iou
     out["timing/networks_per_s"] = report.timing.networks_per_s
     out["verdict/generated_minus_noise_test_mean"] = report.verdict.difference
     return {k: v for k, v in out.items() if v is not None}
