@@ -210,7 +210,12 @@ def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_pa
     # A damaged file is scored again (and rewritten); PDIFF_CACHE=off reads and writes nothing.
     kept[0].write_bytes(b"not a safetensors file")
     again = evaluate_generated(originals, candidates, **kwargs)
-    assert again.timing.networks_from_cache < k + 1 + 2 * n and again.originals.networks == first.originals.networks
+    assert again.timing.networks_from_cache < k + 1 + 2 * n
+    # The rescored networks are scored in other chunks than the first time: accuracies are exact, losses equal
+    # to rounding (measured: they differ in the last bits with OMP_NUM_THREADS=1).
+    for column, values in first.originals.networks.items():
+        expected = pytest.approx(values, rel=1e-6) if column.endswith("_loss") else values
+        assert again.originals.networks[column] == expected, column
     files = sorted((tmp_path / "cache").rglob("*.safetensors"))
     monkeypatch.setenv("PDIFF_CACHE", "off")
     assert evaluate_generated(originals, candidates, **kwargs).timing.networks_from_cache == 0
@@ -333,6 +338,9 @@ def test_the_summary_says_where_the_novelty_comes_from(report):
     weak = dataclasses.replace(made, originals=dataclasses.replace(originals, val=Stats(best=1.0, mean=0.99, median=0.99, min=0.99, std=0.0)))
     assert "generated reaching the originals' val mean 0.9900: none of 4" in format_summary(weak)
     assert dataclasses.replace(made, generated=dataclasses.replace(made.generated, networks={})).accurate_part() is None
+    # A network with NaN/Inf parameters (all wrong, IoU near 0) is garbage, not novelty: it is in neither part.
+    broken = dataclasses.replace(made, nonfinite_indices=[3]).accurate_part()
+    assert (broken.count, broken.total) == (2, 3) and broken.rest_nearest_iou == pytest.approx(0.50)
 
 
 def _verdict(gen_mean, gen_std, noise_entries, n_test=1000):
@@ -348,7 +356,7 @@ def test_verdict_compares_at_equal_novelty():
     v = _verdict(at_080 + 0.02, 0.0, entries)
     assert v.noise_test_mean == pytest.approx(at_080) and v.noise_mean_nearest_iou == pytest.approx(0.80)
     assert v.interpolated_between == [4.0, 16.0] and v.matched_scale == 4.0 and v.equal_novelty  # x4 is 0.04 away
-    assert v.outcome == "beats" and "noise interpolated between scales 4 and 16" in v.text
+    assert v.outcome == "beats" and "noise interpolated between scales 4 and 16 (spread), mean nearest-original IoU 0.800 (x4: 0.840, x16: 0.500)" in v.text
     assert _verdict(at_080 - 0.002, 0.0, entries).outcome == "loses"
     assert _verdict(at_080 + 0.0005, 0.0, entries).outcome == "ties"  # less than one test example apart
     assert _verdict(0.62, 0.0, entries).outcome == "loses"  # x16's accuracy alone would have made this a win
@@ -356,7 +364,8 @@ def test_verdict_compares_at_equal_novelty():
     assert spread.outcome == "ties" and spread.standard_error == pytest.approx(0.1 / 50**0.5)
     noisy = _verdict(at_080 + 0.02, 0.0, [(4.0, 0.84, 0.85, 0.1), (16.0, 0.50, 0.60, 0.1)])
     w = (0.84 - 0.80) / (0.84 - 0.50)
-    assert noisy.standard_error == pytest.approx(0.1 * ((1 - w) ** 2 + w**2) ** 0.5 / 50**0.5)  # two independent set means, weighted
+    # The scales share their draw, so their means are correlated: the bound for correlation 1, never the smaller independent one.
+    assert noisy.standard_error == pytest.approx(((1 - w) * 0.1 + w * 0.1) / 50**0.5)
     # Outside the noise curve the nearest scale stands in; no scale near: the line says so.
     far = _verdict(0.87, 0.0, [(1.0, 0.99, 0.90, 0.0)])
     assert far.interpolated_between is None and far.noise_test_mean == 0.90 and "for noise scale 1 " in far.text

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 from typing import Any, Mapping
 
-from .report import NetworkSet, Report, Summary
+from .report import AccuratePart, NetworkSet, Report, Summary
 from .scoring import SPLITS
 
 CARD_LABELS = {"originals": "original checkpoints", "generated": "generated", "weight_average": "weight average of the originals"}
@@ -54,13 +54,13 @@ def format_summary(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _accurate_part_line(part) -> str:
+def _accurate_part_line(part: AccuratePart) -> str:
     head = f"generated reaching the originals' val mean {part.threshold:.4f}: "
     if not part.count:
         return head + f"none of {part.total}"
-    line = head + f"{part.count} of {part.total}, test mean {part.test_mean:.4f}, near IoU {part.nearest_iou:.3f}"
+    line = head + f"{part.count} of {part.total}, test mean {_num(part.test_mean)}, near IoU {_num(part.nearest_iou, '.3f')}"
     if part.count < part.total:
-        line += f"; the rest: test mean {part.rest_test_mean:.4f}, near IoU {part.rest_nearest_iou:.3f}"
+        line += f"; the rest: test mean {_num(part.rest_test_mean)}, near IoU {_num(part.rest_nearest_iou, '.3f')}"
     return line
 
 
@@ -108,9 +108,12 @@ def summary_metrics(report: Report) -> dict[str, float]:
             out[f"similarity/{name}_iou_mean"] = novelty.iou.mean
             out[f"similarity/{name}_l2_mean"] = novelty.l2.mean if novelty.l2 else None
     part = report.accurate_part()
-    if part is not None:
+    if part is not None and part.total:
         out["accurate_part/share"] = part.count / part.total
-        out["accurate_part/test_mean"], out["accurate_part/nearest_original_iou_mean"] = part.test_mean, part.nearest_iou
+        out["accurate_part/test_mean"] = part.test_mean
+        out["accurate_part/nearest_original_iou_mean"] = part.nearest_iou
+        out["accurate_part/rest_test_mean"] = part.rest_test_mean
+        out["accurate_part/rest_nearest_original_iou_mean"] = part.rest_nearest_iou
     out["timing/networks_per_s"] = report.timing.networks_per_s
     out["verdict/generated_minus_noise_test_mean"] = report.verdict.difference
     return {k: v for k, v in out.items() if v is not None}

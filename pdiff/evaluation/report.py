@@ -269,18 +269,22 @@ class Report:
     def accurate_part(self) -> AccuratePart | None:
         """Where the generated set's novelty comes from. A hotter sample is more novel on average, but when its
         accurate networks sit as near the originals as a colder sample's, the extra novelty is all in its weaker
-        networks. Validation draws the line (the originals' mean); test only describes the two parts. None
+        networks. Validation draws the line (the originals' mean); test only describes the two parts. Networks
+        with NaN/Inf parameters are left out (the summary counts them), so garbage cannot pose as novelty. None
         without per-network novelty."""
         g = self.generated.networks
         if not g.get("nearest_original_iou"):
             return None
-        val, test, iou = (np.asarray(g[k], dtype=float) for k in ("val_accuracy", "test_accuracy", "nearest_original_iou"))
+        finite = np.ones(len(g["val_accuracy"]), dtype=bool)
+        finite[list(self.nonfinite_indices)] = False
+        val, test, iou = (np.asarray(g[k], dtype=float)[finite] for k in ("val_accuracy", "test_accuracy", "nearest_original_iou"))
         accurate = val >= self.originals.val.mean
 
         def mean(x: np.ndarray) -> float | None:
+            x = x[~np.isnan(x)]  # a loaded report.json holds null where a value was not finite
             return float(x.mean()) if x.size else None
 
-        return AccuratePart(self.originals.val.mean, int(accurate.sum()), len(val), mean(test[accurate]), mean(iou[accurate]),
+        return AccuratePart(self.originals.val.mean, int(accurate.sum()), int(finite.sum()), mean(test[accurate]), mean(iou[accurate]),
                             mean(test[~accurate]), mean(iou[~accurate]))
 
     def rows(self) -> Iterator[NetworkSet]:

@@ -7,7 +7,8 @@ the baseline is read off that curve by linear interpolation, so a set that falls
 to the accuracy noise has *there*, not to the more novel (and less accurate) of the two. Outside the curve
 the nearest scale stands in. When no scale is within 0.05 IoU the line says so. The generated set
 *beats* the baseline when its mean test accuracy is higher by a margin of at least max(1 / N_test, 2 standard
-errors of the difference), *loses* when lower by as much, and *ties* otherwise.
+errors of the difference), *loses* when lower by as much, and *ties* otherwise. The noise scales perturb the
+same originals along one shared draw, so an interpolated baseline's standard error is taken at its upper bound.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ VERDICT_RULE = (
     "compare with the noise baseline at the generated set's mean nearest-original test-error IoU: the noise scales' "
     "mean test accuracy interpolated linearly in IoU between the two scales around it (outside them, the nearest scale); "
     "beats/loses when the mean test accuracies differ by at least max(1/N_test, 2 x the standard error of the "
-    "difference of means, Welch), ties otherwise"
+    "difference of means, Welch; an interpolated baseline's error at its upper bound, since all scales share one draw), ties otherwise"
 )
 
 
@@ -37,15 +38,15 @@ class Verdict:
     matched_scale: float | None = None  # the scale nearest in IoU
     interpolated_between: list[float] | None = None  # the two scales the baseline was interpolated between, if it was
     generated_mean_nearest_iou: float | None = None
-    noise_mean_nearest_iou: float | None = None
+    noise_mean_nearest_iou: float | None = None  # where the baseline was read: the generated set's IoU when interpolated
     generated_test_mean: float | None = None
-    noise_test_mean: float | None = None
+    noise_test_mean: float | None = None  # the baseline: interpolated, or the nearest scale's
     difference: float | None = None
     standard_error: float | None = None
     margin: float | None = None
     equal_novelty: bool | None = None
     generated_best_on_val_test: float | None = None
-    noise_best_on_val_test: float | None = None
+    noise_best_on_val_test: float | None = None  # of the nearest scale
     text: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,16 +65,21 @@ def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, n
     noise_mean = sum(w * scales[k].test.mean for k, w in weights.items())
     n = sum(w * scales[k].novelty.iou.mean for k, w in weights.items())
     diff = generated.test.mean - noise_mean
-    # The interpolated mean is a weighted sum of two independent set means: its variance is the weighted sum of theirs.
-    stderr = math.sqrt(generated.test.std**2 / generated.count + sum(w**2 * scales[k].test.std**2 / scales[k].count for k, w in weights.items()))
+    # Every noise scale perturbs the same originals along the same draw, so the two set means are positively
+    # correlated: the interpolated mean's standard error is bounded by the weighted sum of theirs (correlation 1).
+    noise_stderr = sum(w * scales[k].test.std / math.sqrt(scales[k].count) for k, w in weights.items())
+    stderr = math.sqrt(generated.test.std**2 / generated.count + noise_stderr**2)
     margin = max(1.0 / num_test, 2 * stderr)
     outcome = "beats" if diff >= margin else "loses to" if diff <= -margin else "ties with"
     between = sorted(weights) if len(weights) == 2 else None
-    where = f"noise interpolated between scales {between[0]:g} and {between[1]:g}" if between else f"noise scale {match.scale:g}"
+    if between:
+        where = f"noise interpolated between scales {between[0]:g} and {between[1]:g} ({noise_mode}), mean nearest-original IoU {g:.3f} " \
+                f"(x{between[0]:g}: {scales[between[0]].novelty.iou.mean:.3f}, x{between[1]:g}: {scales[between[1]].novelty.iou.mean:.3f})"
+    else:
+        where = f"noise scale {match.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
     text = (
         f"generated {outcome} noise at equal novelty: mean test accuracy {generated.test.mean:.4f} vs {noise_mean:.4f} "
-        f"({diff:+.4f}, margin {margin:.4f}) "
-        f"for {where} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
+        f"({diff:+.4f}, margin {margin:.4f}) for {where}"
     )
     gap = abs(match.novelty.iou.mean - g)  # interpolated or not, how far the nearest measured noise set is
     if gap > EQUAL_NOVELTY_TOLERANCE:
