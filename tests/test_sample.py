@@ -170,7 +170,7 @@ def test_temperature_and_the_curve_from_the_command_line(generator, digits_param
         assert exit_.value.code == 2 and "is not a positive number" in capsys.readouterr().err
 
 
-def test_eta_from_the_command_line(generator, tmp_path, capsys):
+def test_eta_from_the_command_line(generator, digits_params, tmp_path, capsys):
     """`--eta` reaches DDIM's step: the networks are the pipeline's with the same seed; bad values are one line."""
     pipe, folder = generator
     out = tmp_path / "stochastic"
@@ -184,3 +184,14 @@ def test_eta_from_the_command_line(generator, tmp_path, capsys):
         assert exit_.value.code == 2 and "--eta" in capsys.readouterr().err
     assert cli(["sample", "--model", str(folder), "--eta", "0.5", "--sampler", "ddpm", "--out", str(tmp_path / "never")]) == 2
     assert "--eta applies to the DDIM sampler" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    # The curve of a set sampled with eta is sampled with the same eta: at the set's own temperature, the same networks.
+    quick = tmp_path / "quick-generator"
+    loaded = PDiffPipeline.from_pretrained(folder)
+    loaded.register_to_config(default_num_inference_steps=3)
+    loaded.save_pretrained(quick)
+    hot = tmp_path / "hot"
+    assert cli(["sample", "--model", str(quick), "--num-models", "3", "--eta", "1", "--temperature", "0.5", "--out", str(hot), "--format", "dataset"]) == 0
+    assert cli(["evaluate", "--dataset", str(digits_params), "--generated", str(hot), "--out", str(tmp_path / "eval"), "--curve-model", str(quick),
+                "--curve-temperatures", "0.5", "2", "--curve-num-models", "3", "--noise-scales", "4", "--num-noise-models", "3", "--no-plots"]) == 0
+    report = Report.load(tmp_path / "eval")
+    assert report.curve[0].scale == 0.5 and report.curve[0].networks["nearest_original_l2"] == report.generated.networks["nearest_original_l2"]

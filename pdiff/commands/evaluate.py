@@ -5,7 +5,8 @@
 `--generated` takes a parameter dataset (`pdiff sample --format dataset`), a folder of networks
 (`pdiff sample`'s default output), or one [N, D] tensor in a .pt, .safetensors or .npy file.
 `--curve-model` adds the generator's accuracy-novelty curve: it samples that generator at each of
-`--curve-temperatures` and scores every point like the generated set.
+`--curve-temperatures` (with the DDIM eta `pdiff sample` recorded for the generated set, else 0) and scores
+every point like the generated set.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     originals = ParameterDataset.from_pretrained(args.dataset, trust_network_code=args.trust_network_code)
     generated = load_generated(args.generated, originals)
-    curve = curve_samples(args, originals, device) if args.curve_model else None
+    recorded = recorded_sampling(args.generated)
+    curve = curve_samples(args, originals, device, recorded.get("eta") or 0.0) if args.curve_model else None
     if Path(args.generated).is_file():
         print(f"note: {args.generated} is a bare tensor and names no network; pdiff checks its shape only. Make sure it was "
               f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
@@ -65,26 +67,27 @@ def run(args: argparse.Namespace) -> None:
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
         noise_scales=args.noise_scales, noise_mode=args.noise_mode,
         num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk, curve=curve,
-        generated_temperature=args.generated_temperature or recorded_temperature(args.generated),
+        generated_temperature=args.generated_temperature or recorded.get("temperature"),
     )
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def curve_samples(args: argparse.Namespace, originals, device) -> dict:
-    """{temperature: vectors} from `--curve-model`, every point from the same seeded draws, scaled."""
+def curve_samples(args: argparse.Namespace, originals, device, eta: float) -> dict:
+    """{temperature: vectors} from `--curve-model`, every point from the same seeded draws, scaled, with the DDIM eta
+    the generated set was sampled with: a curve is one sampler's, so the generated set belongs on it."""
     from ..evaluation.inputs import check_base_network
     from ..sampling import load_generator, sample_networks
 
     pipe = load_generator(args.curve_model, str(device), trust_network_code=args.trust_network_code)
     check_base_network(originals, pipe.layout, pipe.target.net.state_dict(), f"--curve-model {args.curve_model}")  # another network's generator: refused
-    return {t: sample_networks(pipe, args.curve_num_models, None, args.seed, t) for t in args.curve_temperatures}
+    return {t: sample_networks(pipe, args.curve_num_models, None, args.seed, t, eta) for t in args.curve_temperatures}
 
 
-def recorded_temperature(generated: str) -> float | None:
-    """The sampling temperature a `pdiff sample --format dataset` folder recorded, if any."""
+def recorded_sampling(generated: str) -> dict:
+    """What a `pdiff sample --format dataset` folder recorded of its sampling (`temperature`, `eta`), if anything."""
     from ..data.parameter_dataset import METADATA_FILE
     from ..io import read_json
 
     meta = Path(generated) / METADATA_FILE
-    return (read_json(meta).get("info") or {}).get("temperature") if meta.is_file() else None
+    return (read_json(meta).get("info") or {}) if meta.is_file() else {}
