@@ -15,12 +15,14 @@ HERE = Path(__file__).resolve().parent
 data = json.loads((HERE / "tradeoff_large.json").read_text())
 
 fig, ax = plt.subplots(figsize=(9, 6))
-noise = data["noise"]
-ax.plot([p["nearest_iou"] for p in noise], [p["test_mean"] for p in noise], "o--", color="grey", lw=2, label="noise (spread) x1, x1.5, x2, x4", zorder=3)
+noise = data["noise"]  # the eta runs' noise; each training report's own (its seed's draws) is within 0.0004 of it
+scales = ", ".join(f"x{p['scale']:g}" for p in noise)
+ax.plot([p["nearest_iou"] for p in noise], [p["test_mean"] for p in noise], "o--", color="grey", lw=2, label=f"noise (spread) {scales}", zorder=3)
 for p in noise:
     ax.annotate(f"x{p['scale']:g}", (p["nearest_iou"], p["test_mean"]), textcoords="offset points", xytext=(4, -10), color="grey")
 colors = plt.cm.tab10.colors
-for i, (name, points) in enumerate(data["generators"].items()):
+for i, (name, generator) in enumerate(data["generators"].items()):
+    points = generator["points"]
     ax.plot([p["nearest_iou"] for p in points], [p["test_mean"] for p in points], ".-", color=colors[i % 10], alpha=0.8, label=name)
 for eta, marker in (("0.5", "^"), ("1.0", "v")):
     pts = data["eta"][eta]
