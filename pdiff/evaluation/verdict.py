@@ -73,8 +73,9 @@ def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, n
     outcome = "beats" if diff >= margin else "loses to" if diff <= -margin else "ties with"
     between = sorted(weights) if len(weights) == 2 else None
     if between:
-        where = f"noise interpolated between scales {between[0]:g} and {between[1]:g} ({noise_mode}), mean nearest-original IoU {g:.3f} " \
-                f"(x{between[0]:g}: {scales[between[0]].novelty.iou.mean:.3f}, x{between[1]:g}: {scales[between[1]].novelty.iou.mean:.3f})"
+        lo, hi = (scales[k] for k in between)
+        where = (f"noise interpolated between scales {lo.scale:g} and {hi.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} "
+                 f"(x{lo.scale:g}: {lo.novelty.iou.mean:.3f}, x{hi.scale:g}: {hi.novelty.iou.mean:.3f})")
     else:
         where = f"noise scale {match.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
     text = (
