@@ -146,12 +146,18 @@ def test_a_sample_too_large_for_this_machine_is_refused_with_the_numbers(generat
     assert torch.equal(chunked[:3], sample(pipe, seed=5, num_models=3, steps=2)) and torch.equal(chunked[3:6], sample(pipe, seed=6, num_models=3, steps=2))
 
 
-def test_temperature_and_the_curve_from_the_command_line(generator, digits_params, tmp_path, capsys):
-    pipe, folder = generator
-    quick = tmp_path / "quick-generator"  # the same generator, validated with 3 steps: the curve samples with those
+def validated_with_3_steps(folder, tmp_path):
+    """A copy of the generator that was validated with 3 denoising steps, so sampling without --steps is quick."""
+    quick = tmp_path / "quick-generator"
     loaded = PDiffPipeline.from_pretrained(folder)
     loaded.register_to_config(default_num_inference_steps=3)
     loaded.save_pretrained(quick)
+    return quick
+
+
+def test_temperature_and_the_curve_from_the_command_line(generator, digits_params, tmp_path, capsys):
+    pipe, folder = generator
+    quick = validated_with_3_steps(folder, tmp_path)  # the curve samples with those
     cold = tmp_path / "cold"
     assert cli(["sample", "--model", str(quick), "--num-models", "3", "--temperature", "0.5", "--out", str(cold), "--format", "dataset"]) == 0
     expected = pipe(num_models=3, num_inference_steps=3, generator=torch.Generator().manual_seed(0), temperature=0.5).params
@@ -185,10 +191,7 @@ def test_eta_from_the_command_line(generator, digits_params, tmp_path, capsys):
     assert cli(["sample", "--model", str(folder), "--eta", "0.5", "--sampler", "ddpm", "--out", str(tmp_path / "never")]) == 2
     assert "--eta applies to the DDIM sampler" in capsys.readouterr().err and not (tmp_path / "never").exists()
     # The curve of a set sampled with eta is sampled with the same eta: at the set's own temperature, the same networks.
-    quick = tmp_path / "quick-generator"
-    loaded = PDiffPipeline.from_pretrained(folder)
-    loaded.register_to_config(default_num_inference_steps=3)
-    loaded.save_pretrained(quick)
+    quick = validated_with_3_steps(folder, tmp_path)
     hot = tmp_path / "hot"
     assert cli(["sample", "--model", str(quick), "--num-models", "3", "--eta", "1", "--temperature", "0.5", "--out", str(hot), "--format", "dataset"]) == 0
     assert cli(["evaluate", "--dataset", str(digits_params), "--generated", str(hot), "--out", str(tmp_path / "eval"), "--curve-model", str(quick),

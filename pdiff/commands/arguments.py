@@ -17,12 +17,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0 (a temperature, a scale)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a temperature, a scale)."""
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value:g} is not a positive number")
     return value
@@ -30,10 +34,7 @@ def positive_float(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     """An argparse type: a number from 0 to 1 (DDIM's eta)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
     return value
