@@ -3,12 +3,17 @@
 usage: pdiff collect [key=value ...]      (or: accelerate launch -m pdiff.collect [key=value ...])
 
     pdiff collect task=digits task.param.k=200
+    pdiff collect task=fashion_mnist task.param.trajectories=4     # K checkpoints from 4 fine-tuning runs
     accelerate launch -m pdiff.collect task=fashion_mnist     # every rank collects its own trajectory
 
 Following p-diff, the base network is trained fully, then only the selected parameters (e.g. the last
 BN layers) are trained further and one checkpoint is kept per `save_every` steps. The fine-tuning runs
 with the network in eval mode: batch-norm running statistics stay those of the base network, so the
 frozen base weights plus one parameter vector rebuild exactly the network that was evaluated.
+
+`task.param.trajectories` splits the K checkpoints among that many fine-tuning runs from the same base
+network, each with its own seed (its own batch order): checkpoints of one run are consecutive steps of
+one walk, and several runs spread them wider. Its default, null, is one run per process.
 """
 
 from __future__ import annotations
@@ -124,9 +129,14 @@ def collect_trajectory(net: nn.Module, layout: ParameterLayout, task: Task, k: i
     return torch.stack(snapshots), steps
 
 
-def _share(total: int, rank: int, world: int) -> int:
-    """How many of `total` checkpoints rank `rank` collects (the first ranks take the remainder)."""
-    return total // world + (1 if rank < total % world else 0)
+def _share(total: int, index: int, parts: int) -> int:
+    """How many of `total` checkpoints part `index` of `parts` collects (the first parts take the remainder)."""
+    return total // parts + (1 if index < total % parts else 0)
+
+
+def trajectory_count(cfg: DictConfig, accelerator: Accelerator) -> int:
+    """`task.param.trajectories`, or one per process when it is null (p-diff's single run, on one process)."""
+    return int(cfg.task.param.get("trajectories") or accelerator.num_processes)
 
 
 def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> ParameterDataset | None:
@@ -141,17 +151,25 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
         task = Task(cfg.task)
         net, layout, base_state = base_network(cfg, task, accelerator)
         base_seconds = time.perf_counter() - started
-        seed = int(cfg.seed) + 1 + accelerator.process_index
-        my_k = _share(int(cfg.task.param.k), accelerator.process_index, accelerator.num_processes)
-        vectors, steps = collect_trajectory(net, layout, task, my_k, seed, accelerator.device, show_progress=accelerator.is_main_process)
+        k, count = int(cfg.task.param.k), trajectory_count(cfg, accelerator)
+        mine = []
+        # Trajectory i has seed seed + 1 + i and its own share of K wherever it runs, so the dataset does
+        # not depend on how many processes collected it.
+        for i in range(accelerator.process_index, count, accelerator.num_processes):
+            net.load_state_dict(base_state)  # every trajectory fine-tunes the same base network
+            seed = int(cfg.seed) + 1 + i
+            vectors, steps = collect_trajectory(net, layout, task, _share(k, i, count), seed, accelerator.device, show_progress=accelerator.is_main_process)
+            mine.append({"params": vectors, "step": steps, "seed": [seed] * len(steps)})
         net.load_state_dict(base_state)  # evaluate on the untouched base weights
-        rows = {"params": vectors, "step": steps, "seed": [seed] * my_k, **score_columns(net, layout, vectors, task, keep=True)}
-        gathered = gather_object([rows])  # one dict per rank, in rank order
+        for rows in mine:
+            rows.update(score_columns(net, layout, rows["params"], task, keep=True))
+        gathered = sorted(gather_object(mine), key=lambda rows: rows["seed"][0])  # every rank's trajectories, in seed order
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
             return None
-        info = {"num_processes": accelerator.num_processes, "base_seconds": round(base_seconds, 3), "collect_seconds": round(time.perf_counter() - started, 3),
-                "device": str(accelerator.device), "in_channels": task.data.image_shape[0], "num_classes": task.data.num_classes}
+        info = {"num_processes": accelerator.num_processes, "trajectories": count, "base_seconds": round(base_seconds, 3),
+                "collect_seconds": round(time.perf_counter() - started, 3), "device": str(accelerator.device),
+                "in_channels": task.data.image_shape[0], "num_classes": task.data.num_classes}
         dataset = save_dataset(cfg, gathered, layout, base_state, info)
     accelerator.wait_for_everyone()
     return dataset
@@ -159,9 +177,10 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
 
 def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
     """Everything that can be refused before training starts."""
-    k = int(cfg.task.param.k)
-    if k < accelerator.num_processes:  # checked on every rank alike, so none is left waiting for the others
-        raise ConfigError(f"task.param.k={k} is smaller than the number of processes ({accelerator.num_processes})")
+    k, count = int(cfg.task.param.k), trajectory_count(cfg, accelerator)
+    if k < count:  # checked on every rank alike, so none is left waiting for the others
+        named = f"task.param.trajectories={count}" if cfg.task.param.get("trajectories") else f"the number of processes ({count})"
+        raise ConfigError(f"task.param.k={k} is smaller than {named}: every trajectory needs at least one checkpoint")
     if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
         raise ConfigError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
     check_output_dir(cfg.dataset_dir, bool(cfg.overwrite), "parameter dataset")
@@ -203,6 +222,7 @@ def summarize(dataset: ParameterDataset) -> str:
     val = torch.tensor(dataset.column("val_accuracy"))
     return (
         f"{len(dataset)} checkpoints x {dataset.dim} parameters ({len(dataset.layout.names)} tensors), "
+        f"from {dataset.info.get('trajectories', dataset.info.get('num_processes', 1))} fine-tuning run(s), "
         f"collected in {dataset.info.get('collect_seconds', float('nan')):.1f} s on {dataset.info.get('num_processes', 1)} process(es)\n"
         f"val accuracy  min {val.min():.4f}  median {val.median():.4f}  max {val.max():.4f}\n"
         f"test accuracy min {acc.min():.4f}  median {acc.median():.4f}  max {acc.max():.4f}"

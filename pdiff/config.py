@@ -81,6 +81,7 @@ class ParamSchema:
     batch_size: int = rule(ge=1)
     warmup_steps: int = rule(ge=0, default=0)
     save_every: int = rule(ge=1, default=1)
+    trajectories: Optional[int] = rule(ge=1, **OPTIONAL)  # independent fine-tuning runs sharing the K checkpoints (null: one per process)
 
 
 @dataclass(kw_only=True)

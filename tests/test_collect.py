@@ -59,6 +59,16 @@ def test_fake_cifar_resnet18_collects_the_papers_2048_bn_parameters(tmp_path):
     assert acc == loaded.rows[1]["test_accuracy"]
 
 
+def test_trajectories_share_k_and_each_is_its_own_seeds_run(tmp_path):
+    """`task.param.trajectories=2`: K split 3 + 2 between seeds 1 and 2, each run from the base network as if alone."""
+    ds = collect_dataset(tmp_path / "two", *TINY, "task.param.k=5", "task.param.trajectories=2")
+    assert ds.column("seed").tolist() == [1, 1, 1, 2, 2] and ds.info["trajectories"] == 2
+    alone = collect_dataset(tmp_path / "one", *TINY, "task.param.k=3")  # seed 0: its one run has seed 1
+    assert torch.equal(ds.vectors[:3], alone.vectors)  # the second run did not start where the first ended
+    assert not torch.equal(ds.vectors[3], ds.vectors[0])
+    assert ds.column("step").tolist() == alone.column("step").tolist() + alone.column("step").tolist()[:2]
+
+
 @pytest.mark.slow
 def test_two_processes_under_accelerate_each_collect_a_trajectory(tmp_path):
     """Real 2-rank DDP on CPU (gloo): each rank collects its own seed's checkpoints, rank 0 saves them all."""
@@ -75,6 +85,11 @@ def test_two_processes_under_accelerate_each_collect_a_trajectory(tmp_path):
     assert ds.info["num_processes"] == 2
     assert len(ds) == 5  # rank 0 takes the remainder: 3 + 2
     assert ds.column("seed").tolist() == [1, 1, 1, 2, 2]
+    # The same two trajectories collected by one process: the dataset does not depend on the process count.
+    one = subprocess.run([sys.executable, "-m", "pdiff.collect", f"output_dir={tmp_path / 'one'}", *TINY, "task.param.k=5", "task.param.trajectories=2"],
+                         cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert torch.equal(ParameterDataset.from_pretrained(tmp_path / "one" / "params").vectors, ds.vectors)
     first, second = ds.vectors[:3], ds.vectors[3:]
     assert not any(torch.equal(a, b) for a in first for b in second)  # two trajectories, not one copied
     # Both ranks fine-tuned from the same base network, which rebuilds every row's recorded accuracy.
@@ -102,6 +117,14 @@ def test_k_must_be_positive(tmp_path, k):
     with pytest.raises(ValueError, match=f"task.param.k={k}"):
         collect_dataset(tmp_path, *TINY, f"task.param.k={k}")
     assert not (tmp_path / "params").exists()
+
+
+def test_more_trajectories_than_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("pdiff.collect.train_base_network", lambda *a, **k: pytest.fail("trained before checking the config"))
+    with pytest.raises(ConfigError, match=r"task.param.k=3 is smaller than task.param.trajectories=4"):
+        collect_dataset(tmp_path, *TINY, "task.param.k=3", "task.param.trajectories=4")
+    with pytest.raises(ConfigError, match=r"task.param.trajectories=0: must be >= 1"):
+        collect_dataset(tmp_path, *TINY, "task.param.trajectories=0")
 
 
 def test_pattern_matching_nothing_lists_parameter_names(tmp_path):
