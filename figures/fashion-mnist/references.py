@@ -1,0 +1,65 @@
+"""Two simple distributions over the same checkpoints, scored like a generator: where could one be at IoU 0.88?
+
+    python figures/fashion-mnist/references.py DATASET OUT [--wa-noise 1 1.5 2] [--gaussian 0.75 1 1.25]
+
+* weight average + noise: the originals' mean plus Gaussian noise of `scale` x each tensor's checkpoint spread
+  (the noise baseline's unit, centred on the weight average instead of on each original);
+* Gaussian fit: samples of N(mean, T^2 * covariance of the originals), the covariance of rank K - 1.
+
+Each set (200 networks, seed 0) goes through `pdiff evaluate --noise-scales 1 1.5 2`, so its verdict reads the
+dataset's noise at the set's own novelty like a generator's; one line per set is printed, and
+`OUT/references.json` keeps the points for plot_tradeoff.py.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pdiff import ParameterDataset
+from pdiff.evaluation.baselines import noise_sigmas
+from pdiff.evaluation.report import Report
+
+
+def reference_sets(dataset: ParameterDataset, wa_scales, temperatures, num_models=200, seed=0) -> dict[str, torch.Tensor]:
+    vectors = dataset.vectors.double()
+    mean = vectors.mean(0, keepdim=True)
+    deviations = vectors - mean
+    spread = noise_sigmas(dataset.vectors, dataset.layout)[dataset.layout.segment_ids()]
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_models, dataset.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(num_models, len(vectors), generator=gen, dtype=torch.float64)
+    sets = {f"weight average + noise x{s:g}": mean + s * spread * z for s in wa_scales}
+    # w @ deviations / sqrt(K - 1) has exactly the originals' covariance, without forming the D x D matrix.
+    sets |= {f"Gaussian fit, T = {t:g}": mean + t * (w @ deviations) / (len(vectors) - 1) ** 0.5 for t in temperatures}
+    return {name: v.float() for name, v in sets.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--wa-noise", type=float, nargs="*", default=[1, 1.5, 2, 2.5])
+    parser.add_argument("--gaussian", type=float, nargs="*", default=[0.75, 1, 1.25, 1.5])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    points = {}
+    for name, vectors in reference_sets(ParameterDataset.from_pretrained(args.dataset), args.wa_noise, args.gaussian).items():
+        tag = name.replace(" ", "").replace(",", "_").replace("=", "").replace("+", "_")
+        save_file({"params": vectors.contiguous()}, str(args.out / f"{tag}.safetensors"))
+        subprocess.run([sys.executable, "-m", "pdiff", "evaluate", "--dataset", args.dataset, "--generated", str(args.out / f"{tag}.safetensors"),
+                        "--out", str(args.out / tag), "--noise-scales", "1", "1.5", "2", "--no-plots", "--overwrite"], check=True, capture_output=True)
+        report = Report.load(args.out / tag)
+        row, verdict = report.generated, report.verdict
+        points[name] = {"test_mean": round(row.test.mean, 5), "test_min": round(row.test.min, 5), "nearest_iou": round(row.novelty.iou.mean, 4),
+                        "lead": round(verdict.difference, 5), "margin": round(verdict.margin, 5)}
+        print(f"{name:32} test mean {row.test.mean:.4f} min {row.test.min:.4f} IoU {row.novelty.iou.mean:.3f} lead {verdict.difference:+.4f}", flush=True)
+    (args.out / "references.json").write_text(json.dumps(points, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
