@@ -13,6 +13,7 @@ dataset's noise at the set's own novelty like a generator's; one line per set is
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     points = {}
     for name, vectors in reference_sets(ParameterDataset.from_pretrained(args.dataset), args.wa_noise, args.gaussian).items():
-        tag = name.replace(" ", "").replace(",", "_").replace("=", "").replace("+", "_")
+        tag = re.sub(r"[^A-Za-z0-9.]+", "_", name)  # "weight_average_noise_x1.5", "Gaussian_fit_T_0.75"
         save_file({"params": vectors.contiguous()}, str(args.out / f"{tag}.safetensors"))
         subprocess.run([sys.executable, "-m", "pdiff", "evaluate", "--dataset", args.dataset, "--generated", str(args.out / f"{tag}.safetensors"),
                         "--out", str(args.out / tag), "--noise-scales", "1", "1.5", "2", "--no-plots", "--overwrite"], check=True, capture_output=True)
