@@ -324,6 +324,18 @@ def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(repo
     assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() == pytest.approx(0.80 - 0.84)  # always more novel
 
 
+def test_the_summary_says_when_the_generated_networks_vary_less_than_the_originals(report):
+    """Near-copies of one network can sit far from every original (the weight average of spread-out checkpoints
+    does), so the near line sets the generated networks' IoU among themselves beside the originals'."""
+    def near_line(generated_iou: float, originals_iou: float) -> str:
+        made = dataclasses.replace(report, generated_generated=Novelty(Summary(*[generated_iou] * 4), None),
+                                   originals=dataclasses.replace(report.originals, novelty=Novelty(Summary(*[originals_iou] * 4), None)))
+        return next(line for line in format_summary(made).splitlines() if line.startswith("near IoU/L2"))
+
+    assert near_line(0.989, 0.883).endswith("generated<->generated IoU 0.989, originals<->originals 0.883: the generated networks vary less than the originals")
+    assert near_line(0.923, 0.994).endswith("generated<->generated IoU 0.923, originals<->originals 0.994")
+
+
 def test_the_summary_says_where_the_novelty_comes_from(report):
     """The generated networks that reach the originals' mean validation accuracy against the rest: validation
     draws the line, test describes the parts (a hot sample's novelty can be all in its weaker networks)."""

@@ -37,11 +37,7 @@ def format_summary(report: Report) -> str:
             f"{row.label:<22}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
             f"{t.mean:>10.4f}{t.min:>10.4f}{t.std:>10.4f}{iou:>10.3f}{l2:>10.4g}"
         )
-    gg = report.generated_generated
-    lines.append(
-        "near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original; "
-        f"generated<->generated IoU {_mean(gg.iou):.3f}" if gg else "near IoU/L2: mean max IoU / min L2 to the nearest original"
-    )
+    lines.append(_near_line(report))
     part = report.accurate_part()
     if part is not None:
         lines.append(_accurate_part_line(part))
@@ -52,6 +48,22 @@ def format_summary(report: Report) -> str:
     reused = f"; {t.networks_from_cache} of them read from the score cache" if t.networks_from_cache else ""
     lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s{reused})")
     return "\n".join(lines)
+
+
+def _near_line(report: Report) -> str:
+    """What near IoU/L2 mean, and how varied the generated networks are next to the originals: a set of
+    near-copies of one network can be far from every original (the weight average of spread-out
+    checkpoints is), so distance to the originals alone would call it novel."""
+    gg = report.generated_generated
+    if not gg:
+        return "near IoU/L2: mean max IoU / min L2 to the nearest original"
+    line = f"near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original; generated<->generated IoU {_mean(gg.iou):.3f}"
+    among_originals = _mean(report.originals.novelty.iou) if report.originals.novelty else math.nan
+    if not math.isnan(among_originals):
+        line += f", originals<->originals {among_originals:.3f}"
+        if _mean(gg.iou) > among_originals:
+            line += ": the generated networks vary less than the originals"
+    return line
 
 
 def _accurate_part_line(part: AccuratePart) -> str:
