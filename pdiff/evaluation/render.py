@@ -51,19 +51,24 @@ def format_summary(report: Report) -> str:
 
 
 def _near_line(report: Report) -> str:
-    """What near IoU/L2 mean, and how varied the generated networks are next to the originals: a set of
-    near-copies of one network can be far from every original (the weight average of spread-out
-    checkpoints is), so distance to the originals alone would call it novel."""
-    gg = report.generated_generated
-    if not gg:
-        return "near IoU/L2: mean max IoU / min L2 to the nearest original"
-    line = f"near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original; generated<->generated IoU {_mean(gg.iou):.3f}"
-    among_originals = _mean(report.originals.novelty.iou) if report.originals.novelty else math.nan
-    if not math.isnan(among_originals):
-        line += f", originals<->originals {among_originals:.3f}"
-        if _mean(gg.iou) > among_originals:
-            line += ": the generated networks vary less than the originals"
-    return line
+    head = "near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original"
+    return f"{head}; {variety(report)}" if report.generated_generated else head
+
+
+def variety(report: Report) -> str:
+    """How alike the generated networks are, beside the originals: a set of near-copies of one network can be
+    far from every original (the weight average of spread-out checkpoints is), so distance to the originals
+    alone would call it novel. Empty without generated<->generated similarity."""
+    if not report.generated_generated:
+        return ""
+    among = _mean(report.generated_generated.iou)
+    text = f"generated<->generated IoU {among:.3f}"
+    originals = _mean(report.originals.novelty.iou) if report.originals.novelty else math.nan
+    if not math.isnan(originals):
+        text += f", originals<->originals {originals:.3f}"
+        if among > originals:
+            text += ": the generated networks vary less than the originals"
+    return text
 
 
 def _accurate_part_line(part: AccuratePart) -> str:
