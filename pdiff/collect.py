@@ -161,8 +161,7 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
             vectors, steps = collect_trajectory(net, layout, task, _share(k, i, count), seed, accelerator.device, show_progress=accelerator.is_main_process)
             mine.append({"params": vectors, "step": steps, "seed": [seed] * len(steps)})
         net.load_state_dict(base_state)  # evaluate on the untouched base weights
-        for rows in mine:
-            rows.update(score_columns(net, layout, rows["params"], task, keep=True))
+        _add_scores(mine, net, layout, task)
         gathered = sorted(gather_object(mine), key=lambda rows: rows["seed"][0])  # every rank's trajectories, in seed order
         if not accelerator.is_main_process:
             accelerator.wait_for_everyone()
@@ -173,6 +172,18 @@ def collect(cfg: DictConfig, accelerator: Accelerator | None = None) -> Paramete
         dataset = save_dataset(cfg, gathered, layout, base_state, info)
     accelerator.wait_for_everyone()
     return dataset
+
+
+def _add_scores(trajectories: list[dict], net: nn.Module, layout: ParameterLayout, task: Task) -> None:
+    """Validation/test columns for every trajectory's rows, scored in one pass (the frozen prefix runs once)."""
+    if not trajectories:
+        return
+    scores = score_columns(net, layout, torch.cat([rows["params"] for rows in trajectories]), task, keep=True)
+    start = 0
+    for rows in trajectories:
+        end = start + len(rows["params"])
+        rows.update({key: values[start:end] for key, values in scores.items()})
+        start = end
 
 
 def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
@@ -203,7 +214,7 @@ def base_network(cfg: DictConfig, task: Task, accelerator: Accelerator) -> tuple
 
 
 def save_dataset(cfg: DictConfig, gathered: list[dict], layout: ParameterLayout, base_state: dict, info: dict) -> ParameterDataset:
-    """Merge the ranks' rows and write the dataset; checkpoints holding NaN/Inf are refused, not saved."""
+    """Merge the trajectories' rows (in seed order) and write the dataset; checkpoints holding NaN/Inf are refused, not saved."""
     vectors = torch.cat([r["params"] for r in gathered])
     bad = (~torch.isfinite(vectors).all(1)).sum().item()
     if bad:
@@ -222,8 +233,8 @@ def summarize(dataset: ParameterDataset) -> str:
     val = torch.tensor(dataset.column("val_accuracy"))
     return (
         f"{len(dataset)} checkpoints x {dataset.dim} parameters ({len(dataset.layout.names)} tensors), "
-        f"from {dataset.info.get('trajectories', dataset.info.get('num_processes', 1))} fine-tuning run(s), "
-        f"collected in {dataset.info.get('collect_seconds', float('nan')):.1f} s on {dataset.info.get('num_processes', 1)} process(es)\n"
+        + (f"from {dataset.info['trajectories']} fine-tuning run(s), " if "trajectories" in dataset.info else "")
+        + f"collected in {dataset.info.get('collect_seconds', float('nan')):.1f} s on {dataset.info.get('num_processes', 1)} process(es)\n"
         f"val accuracy  min {val.min():.4f}  median {val.median():.4f}  max {val.max():.4f}\n"
         f"test accuracy min {acc.min():.4f}  median {acc.median():.4f}  max {acc.max():.4f}"
     )

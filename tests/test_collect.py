@@ -59,37 +59,37 @@ def test_fake_cifar_resnet18_collects_the_papers_2048_bn_parameters(tmp_path):
     assert acc == loaded.rows[1]["test_accuracy"]
 
 
-def test_trajectories_share_k_and_each_is_its_own_seeds_run(tmp_path):
-    """`task.param.trajectories=2`: K split 3 + 2 between seeds 1 and 2, each run from the base network as if alone."""
-    ds = collect_dataset(tmp_path / "two", *TINY, "task.param.k=5", "task.param.trajectories=2")
-    assert ds.column("seed").tolist() == [1, 1, 1, 2, 2] and ds.info["trajectories"] == 2
-    alone = collect_dataset(tmp_path / "one", *TINY, "task.param.k=3")  # seed 0: its one run has seed 1
-    assert torch.equal(ds.vectors[:3], alone.vectors)  # the second run did not start where the first ended
-    assert not torch.equal(ds.vectors[3], ds.vectors[0])
+def test_trajectories_split_k_and_each_starts_from_the_base_network(tmp_path):
+    """`task.param.trajectories=2`: K split between seeds 1 and 2, each run fine-tuning the base network as if alone."""
+    ds = collect_dataset(tmp_path / "five", *TINY, "task.param.k=5", "task.param.trajectories=2")
+    assert ds.column("seed").tolist() == [1, 1, 1, 2, 2] and ds.info["trajectories"] == 2  # the first run takes the remainder
+    alone = collect_dataset(tmp_path / "alone", *TINY, "task.param.k=3")  # seed 0: its one run has seed 1
+    assert torch.equal(ds.vectors[:3], alone.vectors)
     assert ds.column("step").tolist() == alone.column("step").tolist() + alone.column("step").tolist()[:2]
+    # Run 2 starts where the base network is, not where run 1 ended: with shares 2 + 1 it is the same run.
+    three = collect_dataset(tmp_path / "three", *TINY, "task.param.k=3", "task.param.trajectories=2")
+    assert three.column("seed").tolist() == [1, 1, 2]
+    assert torch.equal(three.vectors[2], ds.vectors[3]) and torch.equal(three.vectors[:2], ds.vectors[:2])
 
 
 @pytest.mark.slow
-def test_two_processes_under_accelerate_each_collect_a_trajectory(tmp_path):
-    """Real 2-rank DDP on CPU (gloo): each rank collects its own seed's checkpoints, rank 0 saves them all."""
+def test_two_processes_under_accelerate_share_the_trajectories(tmp_path):
+    """Real 2-rank DDP on CPU (gloo): by default each rank collects its own seed's checkpoints, rank 0 saves them
+    all; with 3 trajectories the ranks take runs 1, 3 and 2, and the dataset is the one a single process makes."""
     launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pdiff.collect",
-        f"output_dir={tmp_path}", *TINY, "task.param.k=5",
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ds = ParameterDataset.from_pretrained(tmp_path / "params")
-    assert ds.info["num_processes"] == 2
-    assert len(ds) == 5  # rank 0 takes the remainder: 3 + 2
-    assert ds.column("seed").tolist() == [1, 1, 1, 2, 2]
-    # The same two trajectories collected by one process: the dataset does not depend on the process count.
-    one = subprocess.run([sys.executable, "-m", "pdiff.collect", f"output_dir={tmp_path / 'one'}", *TINY, "task.param.k=5", "task.param.trajectories=2"],
-                         cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert torch.equal(ParameterDataset.from_pretrained(tmp_path / "one" / "params").vectors, ds.vectors)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # one thread: bit-identical runs in any process
+
+    def collect(out: Path, *overrides: str, processes: int = 2) -> ParameterDataset:
+        cmd = ([str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "pdiff.collect"] if processes > 1 else [sys.executable, "-m", "pdiff.collect"])
+        result = subprocess.run([*cmd, f"output_dir={out}", *TINY, *overrides], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return ParameterDataset.from_pretrained(out / "params")
+
+    ds = collect(tmp_path, "task.param.k=5")
+    assert ds.info["num_processes"] == 2 and ds.info["trajectories"] == 2
+    assert ds.column("seed").tolist() == [1, 1, 1, 2, 2]  # trajectory 1 takes the remainder: 3 + 2
     first, second = ds.vectors[:3], ds.vectors[3:]
     assert not any(torch.equal(a, b) for a in first for b in second)  # two trajectories, not one copied
     # Both ranks fine-tuned from the same base network, which rebuilds every row's recorded accuracy.
@@ -98,6 +98,11 @@ def test_two_processes_under_accelerate_each_collect_a_trajectory(tmp_path):
         acc, _ = evaluate_network(ds.build_network(i, task=task), task.data.test, task.data.prepare)
         assert acc == ds.rows[i]["test_accuracy"]
     assert _no_partials(tmp_path)
+    # Rank 0 runs trajectories 1 and 3, rank 1 trajectory 2: rows still in seed order, as one process makes them.
+    shared = collect(tmp_path / "shared", "task.param.k=5", "task.param.trajectories=3")
+    assert shared.column("seed").tolist() == [1, 1, 2, 2, 3]
+    one = collect(tmp_path / "one", "task.param.k=5", "task.param.trajectories=3", processes=1)
+    assert torch.equal(one.vectors, shared.vectors) and one.info["num_processes"] == 1
 
 
 # -- bad input: a clear error, before any work, and nothing lost ------------------------------------------
