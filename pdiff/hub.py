@@ -137,14 +137,15 @@ safetensors only and runs no code from this repository.
 def _evaluation_section(report: "Report | None") -> str:
     if report is None:
         return "No evaluation report was saved with this generator."
-    from .evaluation.render import markdown_table, variety
+    from .evaluation.render import markdown_table, variety_text
 
     text = (f"Validation: {report.splits['val']} examples, test: {report.splits['test']} examples. "
             f"Networks are selected on the validation split only; test accuracy is only reported.\n\n{markdown_table(report)}\n")
     if report.verdict.text:
         text += f"\n**Verdict:** {report.verdict.text}\n"
-    if variety(report):
-        text += f"\n**Variety** (IoU of test errors with the nearest other network of the same set): {variety(report)}.\n"
+    variety = variety_text(report)
+    if variety:
+        text += f"\n**Variety** (IoU of test errors with the nearest other network of the same set): {variety}.\n"
     if report.selected:
         text += f"\nSelected generator: training step {report.selected.get('step')}, chosen on {report.selected.get('selected_on', 'validation')}"
         if "temperature" in report.selected:

@@ -23,6 +23,7 @@ from pdiff.evaluation import (
     evaluate_generated,
     evaluate_network,
     format_summary,
+    variety_text,
     load_generated,
     log_to_wandb,
     markdown_table,
@@ -334,6 +335,8 @@ def test_the_summary_says_when_the_generated_networks_vary_less_than_the_origina
 
     assert near_line(0.989, 0.883).endswith("generated<->generated IoU 0.989, originals<->originals 0.883: the generated networks vary less than the originals")
     assert near_line(0.923, 0.994).endswith("generated<->generated IoU 0.923, originals<->originals 0.994")
+    lone_original = dataclasses.replace(report, originals=dataclasses.replace(report.originals, novelty=None))  # no other original to compare
+    assert variety_text(lone_original) == f"generated<->generated IoU {report.generated_generated.iou.mean:.3f}"
 
 
 def test_the_summary_says_where_the_novelty_comes_from(report):

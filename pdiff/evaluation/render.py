@@ -52,21 +52,24 @@ def format_summary(report: Report) -> str:
 
 def _near_line(report: Report) -> str:
     head = "near IoU/L2: mean over networks of the max IoU of test-error sets / min L2 to the nearest original"
-    return f"{head}; {variety(report)}" if report.generated_generated else head
+    variety = variety_text(report)
+    return f"{head}; {variety}" if variety else head
 
 
-def variety(report: Report) -> str:
+def variety_text(report: Report) -> str:
     """How alike the generated networks are, beside the originals: a set of near-copies of one network can be
     far from every original (the weight average of spread-out checkpoints is), so distance to the originals
-    alone would call it novel. Empty without generated<->generated similarity."""
+    alone would call it novel. Empty without generated<->generated similarity. Each network's nearest other
+    member is searched in its own set, and a larger set has nearer ones: a set smaller than the originals
+    looks a little more varied than it is."""
     if not report.generated_generated:
         return ""
-    among = _mean(report.generated_generated.iou)
-    text = f"generated<->generated IoU {among:.3f}"
-    originals = _mean(report.originals.novelty.iou) if report.originals.novelty else math.nan
-    if not math.isnan(originals):
-        text += f", originals<->originals {originals:.3f}"
-        if among > originals:
+    generated_iou = _mean(report.generated_generated.iou)
+    text = f"generated<->generated IoU {generated_iou:.3f}"
+    originals_iou = _mean(report.originals.novelty.iou) if report.originals.novelty else math.nan
+    if not math.isnan(originals_iou):
+        text += f", originals<->originals {originals_iou:.3f}"
+        if generated_iou > originals_iou:
             text += ": the generated networks vary less than the originals"
     return text
 
