@@ -3,28 +3,28 @@
     python figures/fashion-mnist/guidance.py RUN OUT DATASET loss T:S [T:S ...]
     python figures/fashion-mnist/guidance.py RUN OUT DATASET auto T:W [T:W ...]
 
-RUN is a `pdiff train` output folder (its `generator/`, and `checkpoints/checkpoint-1000/unet_ema`: the
-denoiser's EMA halfway through the default 500 + 1,000 steps).
+RUN is a `pdiff train` output folder (its `generator/`, and for autoguidance `checkpoints/checkpoint-1000/unet_ema`:
+the denoiser's EMA halfway through the default 500 + 1,000 steps, kept by the default `train.checkpointing_steps=500`
+and `train.checkpoints_total_limit=2`).
 
-* loss: at every DDIM step the predicted clean latent is moved by S x the gradient of the training-split
-  cross-entropy (4,096 training images, 128 a step) of the networks it decodes to, and written back as the
+* loss: at every DDIM step the predicted clean latent is moved downhill by S x the gradient of the training-split
+  cross-entropy (4,096 training images, 128 a step) of the networks it decodes to, then written back as the
   noise prediction. Only for layouts generating `bn3.*` and `fc.*` of pdiff's SmallCNN (the head is written out).
 * auto: autoguidance (Karras et al. 2024), eps = eps_half + W (eps - eps_half).
 
-200 networks per set, seed 0, 100 steps; each goes through `pdiff evaluate --noise-scales 1 1.5 2`; one line per set.
+200 networks per set, seed 0, 100 steps; each goes through `pdiff evaluate --noise-scales 1 1.5 2`; one line per set,
+and OUT/KIND.json keeps the points (copied by hand into tradeoff_large.json's `guidance`).
 """
 
+import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet1DModel
-from safetensors.torch import save_file
+from score_set import score_set
 
-from pdiff.evaluation.report import Report
 from pdiff.sampling import load_generator, task_of
 
 
@@ -87,24 +87,22 @@ def auto_guide(run, weight):
 
 
 def main() -> None:
-    run, out, dataset, kind, *settings = sys.argv[1:]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_generator(f"{run}/generator", "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a `pdiff train` output folder (generator/ and checkpoints/checkpoint-1000/)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("dataset", help="the parameter dataset the generator was trained on")
+    parser.add_argument("kind", choices=("loss", "auto"))
+    parser.add_argument("settings", nargs="+", metavar="T:S", help="temperature:strength (loss: the step s; auto: the weight w)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = load_generator(f"{args.run}/generator", "cpu")
     points = {}
-    for setting in settings:
+    for setting in args.settings:
         temperature, strength = map(float, setting.split(":"))
-        guide = loss_guide(pipe, strength) if kind == "loss" else auto_guide(run, strength)
-        tag = f"{kind}_T{temperature:g}_{strength:g}"
-        save_file({"params": sample(pipe, temperature, guide).contiguous()}, str(out / f"{tag}.safetensors"))
-        subprocess.run([sys.executable, "-m", "pdiff", "evaluate", "--dataset", dataset, "--generated", str(out / f"{tag}.safetensors"), "--out", str(out / tag),
-                        "--noise-scales", "1", "1.5", "2", "--no-plots", "--overwrite"], check=True, capture_output=True)
-        report = Report.load(out / tag)
-        row, verdict = report.generated, report.verdict
-        points[tag] = {"test_mean": round(row.test.mean, 5), "test_min": round(row.test.min, 5), "nearest_iou": round(row.novelty.iou.mean, 4),
-                       "lead": round(verdict.difference, 5), "margin": round(verdict.margin, 5)}
-        print(f"{tag:18} test mean {row.test.mean:.4f} min {row.test.min:.4f} IoU {row.novelty.iou.mean:.3f} lead {verdict.difference:+.4f}", flush=True)
-    (out / f"{kind}.json").write_text(json.dumps(points, indent=1) + "\n")
+        guide = loss_guide(pipe, strength) if args.kind == "loss" else auto_guide(args.run, strength)
+        tag = f"{args.kind}_T{temperature:g}_{strength:g}"
+        points[tag] = score_set(args.dataset, sample(pipe, temperature, guide), args.out, tag)
+    (args.out / f"{args.kind}.json").write_text(json.dumps(points, indent=1) + "\n")
 
 
 if __name__ == "__main__":

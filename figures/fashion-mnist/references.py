@@ -1,6 +1,6 @@
 """Two simple distributions over the same checkpoints, scored like a generator: where could one be at IoU 0.88?
 
-    python figures/fashion-mnist/references.py DATASET OUT [--wa-noise 1 1.5 2] [--gaussian 0.75 1 1.25]
+    python figures/fashion-mnist/references.py DATASET OUT [--wa-noise 1 1.5 2 2.5] [--gaussian 0.75 1 1.25 1.5]
 
 * weight average + noise: the originals' mean plus Gaussian noise of `scale` x each tensor's checkpoint spread
   (the noise baseline's unit, centred on the weight average instead of on each original);
@@ -8,22 +8,20 @@
 
 Each set (200 networks, seed 0) goes through `pdiff evaluate --noise-scales 1 1.5 2`, so its verdict reads the
 dataset's noise at the set's own novelty like a generator's; one line per set is printed, and
-`OUT/references.json` keeps the points for plot_tradeoff.py.
+`OUT/references.json` keeps the points (copied by hand into tradeoff_large.json's `references`, which
+plot_tradeoff.py draws).
 """
 
 import argparse
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from score_set import score_set
 
 from pdiff import ParameterDataset
 from pdiff.evaluation.baselines import noise_sigmas
-from pdiff.evaluation.report import Report
 
 
 def reference_sets(dataset: ParameterDataset, wa_scales, temperatures, num_models=200, seed=0) -> dict[str, torch.Tensor]:
@@ -48,17 +46,9 @@ def main() -> None:
     parser.add_argument("--gaussian", type=float, nargs="*", default=[0.75, 1, 1.25, 1.5])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    points = {}
-    for name, vectors in reference_sets(ParameterDataset.from_pretrained(args.dataset), args.wa_noise, args.gaussian).items():
-        tag = re.sub(r"[^A-Za-z0-9.]+", "_", name)  # "weight_average_noise_x1.5", "Gaussian_fit_T_0.75"
-        save_file({"params": vectors.contiguous()}, str(args.out / f"{tag}.safetensors"))
-        subprocess.run([sys.executable, "-m", "pdiff", "evaluate", "--dataset", args.dataset, "--generated", str(args.out / f"{tag}.safetensors"),
-                        "--out", str(args.out / tag), "--noise-scales", "1", "1.5", "2", "--no-plots", "--overwrite"], check=True, capture_output=True)
-        report = Report.load(args.out / tag)
-        row, verdict = report.generated, report.verdict
-        points[name] = {"test_mean": round(row.test.mean, 5), "test_min": round(row.test.min, 5), "nearest_iou": round(row.novelty.iou.mean, 4),
-                        "lead": round(verdict.difference, 5), "margin": round(verdict.margin, 5)}
-        print(f"{name:32} test mean {row.test.mean:.4f} min {row.test.min:.4f} IoU {row.novelty.iou.mean:.3f} lead {verdict.difference:+.4f}", flush=True)
+    dataset = ParameterDataset.from_pretrained(args.dataset)
+    points = {name: score_set(args.dataset, vectors, args.out, re.sub(r"[^A-Za-z0-9.]+", "_", name))  # "Gaussian_fit_T_0.75"
+              for name, vectors in reference_sets(dataset, args.wa_noise, args.gaussian).items()}
     (args.out / "references.json").write_text(json.dumps(points, indent=1) + "\n")
 
 
