@@ -9,7 +9,7 @@ and `train.checkpoints_total_limit=2`).
 
 * loss: at every DDIM step the predicted clean latent is moved downhill by S x the gradient of the training-split
   cross-entropy (4,096 training images, 128 a step) of the networks it decodes to, then written back as the
-  noise prediction. Only for layouts generating `bn3.*` and `fc.*` of pdiff's SmallCNN (the head is written out).
+  noise prediction.
 * auto: autoguidance (Karras et al. 2024), eps = eps_half + W (eps - eps_half).
 
 200 networks per set, seed 0, 100 steps; each goes through `pdiff evaluate --noise-scales 1 1.5 2`; one line per set,
@@ -25,25 +25,24 @@ import torch.nn.functional as F
 from diffusers import UNet1DModel
 from score_set import score_set
 
+from pdiff.evaluation.scoring import SuffixScorer
 from pdiff.sampling import load_generator, task_of
 
 
-def training_head_loss(pipe, num_images=4096):
-    """loss(params [n, D], step) -> per-network cross-entropy on one 128-image batch of the training split."""
-    net, data = pipe.target.net.eval(), task_of(pipe).data
+def training_loss(pipe, num_images=4096):
+    """loss(params [n, D], step) -> per-network cross-entropy on one 128-image batch of the training split,
+    differentiable: pdiff's scorer runs the frozen prefix once, then vmaps the generated stages."""
+    net, data = pipe.target.net, task_of(pipe).data
+    scorer = SuffixScorer(net, pipe.layout)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:num_images]
     with torch.no_grad():
-        features = net.run_stages(data.prepare(data.train.images[order]), 0, net.first_stage_holding(pipe.layout.names)).flatten(2)
-    labels, bn = data.train.labels[order], net.bn3
+        features = scorer.prefix(data.prepare(data.train.images[order]))
+    labels = data.train.labels[order]
 
     def loss(params, step, batch=128):
-        p = pipe.layout.unflatten(params)
         lo = (step * batch) % len(labels)
         x, y = features[lo : lo + batch], labels[lo : lo + batch]
-        a = p["bn3.weight"] * torch.rsqrt(bn.running_var + bn.eps)  # eval batch-norm as x * a + b
-        b = p["bn3.bias"] - bn.running_mean * a
-        pooled = torch.relu(a[:, None, :, None] * x[None] + b[:, None, :, None]).mean(-1)
-        logits = torch.einsum("nbc,nkc->nbk", pooled, p["fc.weight"]) + p["fc.bias"][:, None]
+        logits = scorer.batched({scorer.key + name: value for name, value in pipe.layout.unflatten(params).items()}, x)  # [n, batch, classes]
         return F.cross_entropy(logits.flatten(0, 1), y.repeat(len(params)), reduction="none").view(len(params), -1).mean(1)
 
     return loss
@@ -63,7 +62,7 @@ def sample(pipe, temperature, guide, num_models=200, steps=100):
 
 
 def loss_guide(pipe, scale):
-    loss, ae, alphas = training_head_loss(pipe), pipe.autoencoder, pipe.scheduler.alphas_cumprod
+    loss, ae, alphas = training_loss(pipe), pipe.autoencoder, pipe.scheduler.alphas_cumprod
 
     def guide(z, t, eps, step):
         ab = alphas[t]
