@@ -179,6 +179,7 @@ def outcome(report: Report) -> dict[str, Any]:
         "nearest_original_iou_mean": report.generated.novelty.iou.mean,
         "original_original_iou_mean": report.originals.novelty.iou.mean,
         "verdict": report.verdict.text,
+        "average_verdict": report.average_verdict.text if report.average_verdict else None,
     }
 
 

@@ -137,12 +137,13 @@ safetensors only and runs no code from this repository.
 def _evaluation_section(report: "Report | None") -> str:
     if report is None:
         return "No evaluation report was saved with this generator."
-    from .evaluation.render import markdown_table, variety_text
+    from .evaluation.render import markdown_table, variety_text, verdicts
 
     text = (f"Validation: {report.splits['val']} examples, test: {report.splits['test']} examples. "
             f"Networks are selected on the validation split only; test accuracy is only reported.\n\n{markdown_table(report)}\n")
-    if report.verdict.text:
-        text += f"\n**Verdict:** {report.verdict.text}\n"
+    for verdict in verdicts(report):
+        if verdict.text:
+            text += f"\n**Verdict:** {verdict.text}\n"
     variety = variety_text(report)
     if variety:
         text += f"\n**Variety** (IoU of test errors with the nearest other network of the same set): {variety}.\n"

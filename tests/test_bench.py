@@ -38,10 +38,11 @@ def test_bench_pipeline_writes_json(tmp_path, run_cli):
     assert outcome["generated_test_at_best_val"] == report["generated"]["best_on_val"]["test_accuracy"]
     assert outcome["nearest_original_iou_mean"] == report["similarity"]["generated_original"]["iou"]["mean"]
     assert outcome["verdict"] == report["verdict"]["text"] and report["generated"]["count"] == 6
-    # sampling figures agree with each other; evaluation covers originals, generated, average and 6 noise scales
+    assert outcome["average_verdict"] == report["average_verdict"]["text"]
+    # sampling figures agree with each other; evaluation covers originals, generated, average, 6 noise scales and 3 around the average
     ddim = phases["sampling_ddim"]
     assert ddim["networks_per_s"] == pytest.approx(ddim["num_models"] / ddim["seconds"], rel=0.1)  # seconds are rounded to 1 ms
-    assert phases["evaluation"]["networks_evaluated"] == 12 + 6 + 1 + 6 * 6
+    assert phases["evaluation"]["networks_evaluated"] == 12 + 6 + 1 + 6 * 6 + 3 * 6
 
 
 def test_bench_a_saved_generator(tmp_path, run_cli):

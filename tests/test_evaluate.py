@@ -29,6 +29,7 @@ from pdiff.evaluation import (
     markdown_table,
     network_table,
     noise_sigmas,
+    noisy_averages,
     noisy_copies,
     select_on_val,
     summary_metrics,
@@ -57,8 +58,8 @@ def candidates(originals) -> torch.Tensor:
 def report(originals, candidates) -> Report:
     generated = torch.cat([candidates, originals.vectors[:2]])  # the last two are exact copies of originals 0, 1
     curve = {2.0: candidates[8:12], 0.5: candidates[:4]}  # stand-ins for the generator at two other temperatures
-    return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), num_noise_models=8, seed=0,
-                              curve=curve, generated_temperature=1.0)
+    return evaluate_generated(originals, generated, device="cpu", noise_scales=(2.0, 16.0, 64.0), average_noise_scales=(4.0, 1.0), num_noise_models=8,
+                              seed=0, curve=curve, generated_temperature=1.0)
 
 
 # -- batched evaluation --------------------------------------------------------------------------
@@ -145,6 +146,14 @@ def test_noise_baseline_is_reproducible_for_a_seed(originals):
     assert torch.equal(torch.bincount(base, minlength=len(v)), torch.full((len(v),), 2))  # ... then each used evenly
 
 
+def test_the_average_plus_noise_adds_the_noise_baselines_draws_to_the_weight_average(originals):
+    v, layout = originals.vectors, originals.layout
+    copies, base, _ = noisy_copies(v, layout, [1.0, 3.0], 10, seed=7)
+    around_average = noisy_averages(v, layout, [0.0, 3.0], 10, seed=7)
+    assert torch.equal(around_average[0.0], weight_average(v).expand(10, -1))  # scale 0: the weight average itself
+    torch.testing.assert_close(around_average[3.0] - weight_average(v), copies[3.0] - v[base], rtol=1e-4, atol=1e-6)  # the same draws
+
+
 def test_noise_scale_is_relative_to_the_checkpoint_spread(originals):
     v, layout = originals.vectors, originals.layout
     sigmas = noise_sigmas(v, layout, "spread")
@@ -184,34 +193,38 @@ def test_the_task_sets_the_noise_baseline_and_keeps_the_kept_scores(originals, c
     task = Task({**config, "eval": {**config["eval"], "noise_scales": [16, 4], "num_noise_models": 3}})
     r = evaluate_generated(originals, candidates[:4], task=task, device="cpu", seed=0)
     assert [(row.scale, row.count) for row in r.noise] == [(4.0, 3), (16.0, 3)]
+    assert [(row.scale, row.count) for row in r.average_noise] == [(1.0, 3), (2.0, 3), (4.0, 3)]  # the default scales
     assert r.timing.networks_from_cache >= len(originals.vectors) + 1 + 2  # originals, average, x16's first copies
     given = evaluate_generated(originals, candidates[:4], task=task, device="cpu", noise_scales=(2.0,), num_noise_models=5)
     assert [(row.scale, row.count) for row in given.noise] == [(2.0, 5)]
+    task = Task({**config, "eval": {**config["eval"], "average_noise_scales": [0.5]}})
+    assert [row.scale for row in evaluate_generated(originals, candidates[:4], task=task, device="cpu", noise_scales=()).average_noise] == [0.5]
 
 
 def test_reference_scores_are_kept_between_reports(originals, candidates, tmp_path, monkeypatch):
-    """A second report against the same dataset reads the originals', weight average's and noise copies'
+    """A second report against the same dataset reads the originals', weight average's and both noise baselines'
     scores instead of scoring them again, and says so; anything else about it is the same report."""
     monkeypatch.setenv("PDIFF_CACHE", str(tmp_path / "cache"))
     k, n = len(originals.vectors), len(candidates)
-    kwargs = dict(device="cpu", noise_scales=(1.0, 16.0), seed=0)
+    kwargs = dict(device="cpu", noise_scales=(1.0, 16.0), average_noise_scales=(2.0,), seed=0)
     first, second = (evaluate_generated(originals, candidates, **kwargs) for _ in range(2))
     kept = sorted((tmp_path / "cache").rglob("*.safetensors"))  # this context's files
-    assert first.timing.networks_from_cache == 0 and second.timing.networks_from_cache == k + 1 + 2 * n
-    assert first.timing.networks_evaluated == second.timing.networks_evaluated == k + 1 + 3 * n
+    assert first.timing.networks_from_cache == 0 and second.timing.networks_from_cache == k + 1 + 3 * n
+    assert first.timing.networks_evaluated == second.timing.networks_evaluated == k + 1 + 4 * n
     assert [s.networks for s in second.noise] == [s.networks for s in first.noise] and second.originals.networks == first.originals.networks
-    assert second.generated.networks == first.generated.networks and second.verdict == first.verdict
+    assert [s.networks for s in second.average_noise] == [s.networks for s in first.average_noise]
+    assert second.generated.networks == first.generated.networks and second.verdict == first.verdict and second.average_verdict == first.average_verdict
 
     # Fewer noise copies are the first rows of the same draw: read too (but perhaps the last, whose tail torch's
     # vectorised randn draws differently when the total size differs). Another context (batch size) is not.
     fewer = evaluate_generated(originals, candidates[:4], **kwargs)
-    assert k + 1 + 2 * 3 <= fewer.timing.networks_from_cache <= k + 1 + 2 * 4
+    assert k + 1 + 3 * 3 <= fewer.timing.networks_from_cache <= k + 1 + 3 * 4
     assert evaluate_generated(originals, candidates, batch_size=7, **kwargs).timing.networks_from_cache == 0
 
     # A damaged file is scored again (and rewritten); PDIFF_CACHE=off reads and writes nothing.
     kept[0].write_bytes(b"not a safetensors file")
     again = evaluate_generated(originals, candidates, **kwargs)
-    assert again.timing.networks_from_cache < k + 1 + 2 * n
+    assert again.timing.networks_from_cache < k + 1 + 3 * n
     # The rescored networks are scored in other chunks than the first time: accuracies are exact, losses equal
     # to rounding (measured: they differ in the last bits with OMP_NUM_THREADS=1).
     for column, values in first.originals.networks.items():
@@ -280,6 +293,11 @@ def test_report_schema(report, originals):
     # More noise moves the copies further from the originals.
     dists = [e["similarity_to_originals"]["l2"]["mean"] for e in noise["scales"]]
     assert dists == sorted(dists)
+    around_average = report["baselines"]["average_noise"]  # the same draws around the weight average; noise's mode, seed, count
+    assert set(around_average) == {"scales"} and [e["scale"] for e in around_average["scales"]] == [1.0, 4.0]
+    for e in around_average["scales"]:
+        _check_group(e, 8)
+        assert set(e["similarity_to_originals"]) == {"iou", "l2"}
 
     curve = report["generated_curve"]  # the generator at other temperatures, ascending, scored like the generated set
     assert curve["knob"] == "temperature" and curve["generated_at"] == 1.0 and [p["temperature"] for p in curve["points"]] == [0.5, 2.0]
@@ -291,14 +309,18 @@ def test_report_schema(report, originals):
     sim = report["similarity"]
     for key in ("original_original", "generated_generated", "generated_original"):
         assert set(sim[key]) == {"iou", "l2"} and set(sim[key]["iou"]) == {"mean", "median", "min", "max"}
-    assert set(sim["noise_original"]) == {"2.0", "16.0", "64.0"}
+    assert set(sim["noise_original"]) == {"2.0", "16.0", "64.0"} and set(sim["average_noise_original"]) == {"1.0", "4.0"}
 
     v = report["verdict"]
     assert v["outcome"] in ("beats", "loses", "ties") and isinstance(v["text"], str) and "\n" not in v["text"]
     assert v["matched_scale"] in (2.0, 16.0, 64.0)
+    against_average = report["average_verdict"]
+    assert against_average["outcome"] in ("beats", "loses", "ties") and against_average["matched_scale"] in (1.0, 4.0)
+    assert " the weight average plus noise at equal novelty: " in against_average["text"] and "for average + noise " in against_average["text"]
     t = report["timing"]
-    assert t["networks_evaluated"] == k + g + 2 * 4 + 1 + 3 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
-    assert "verdict:" in format_summary(Report.from_dict(report))
+    assert t["networks_evaluated"] == k + g + 2 * 4 + 1 + 3 * 8 + 2 * 8 and t["networks_per_s"] > 0 and t["device"] == "cpu"
+    summary = format_summary(Report.from_dict(report))
+    assert f"verdict: {v['text']}\nverdict: {against_average['text']}" in summary
 
 
 def _set(kind: str, mean: float, std: float, iou: float, scale: float | None = None, count: int = 50) -> NetworkSet:
@@ -392,8 +414,8 @@ def test_verdict_compares_at_equal_novelty():
 def test_no_noise_baseline_and_a_nonfinite_network(originals, candidates):
     generated = candidates[:3].clone()
     generated[1, 0] = math.inf  # garbage from a generator: listed and counted as all wrong, not skipped
-    r = evaluate_generated(originals, generated, device="cpu", noise_scales=())
-    assert r.noise == [] and r.verdict.outcome is None and r.nonfinite_indices == [1]
+    r = evaluate_generated(originals, generated, device="cpu", noise_scales=(), average_noise_scales=())
+    assert r.noise == r.average_noise == [] and r.verdict.outcome is None and r.average_verdict is None and r.nonfinite_indices == [1]
     d = r.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["baselines"]["noise"]["scales"] == [] and set(d["verdict"]) == {"rule", "outcome", "text"}
@@ -429,6 +451,10 @@ def test_report_round_trips_through_json(report, tmp_path):
         report.selected = report.training = None
     with pytest.raises(ValueError, match="schema_version"):
         Report.from_dict({**d, "schema_version": 2})
+    # A report written before the weight average plus noise was a baseline still loads, without it.
+    older = {**d, "baselines": {k: v for k, v in d["baselines"].items() if k != "average_noise"}}
+    del older["average_verdict"]
+    assert Report.from_dict(older) == dataclasses.replace(report, average_noise=[], average_verdict=None)
 
 
 def test_every_renderer_works_from_a_loaded_report(report, tmp_path):
@@ -439,15 +465,18 @@ def test_every_renderer_works_from_a_loaded_report(report, tmp_path):
     assert summary_metrics(loaded) == summary_metrics(report)
     assert network_table(loaded) == network_table(report)
     rows = list(loaded.rows())
-    assert [r.kind for r in rows] == ["originals", "generated", "temperature", "temperature", "weight_average", "noise", "noise", "noise"]
+    assert [r.kind for r in rows] == ["originals", "generated", "temperature", "temperature", "weight_average", "noise", "noise", "noise", "average_noise", "average_noise"]
     # The weight average is a set of one: every renderer shows it like any other row.
     avg = loaded.weight_average
     assert avg.count == 1 and avg.test.std == 0 and avg.test.best == avg.test.mean == avg.best_on_val.test_accuracy
     table = markdown_table(loaded).splitlines()
     assert len(table) == 2 + len(rows) and table[6].startswith("| weight average of the originals | 1 |")
+    assert table[-1].startswith("| weight average + noise x4 (spread) | 8 |") and table[7].startswith("| originals + noise x2 (spread) | 8 |")
     columns, table_rows = network_table(loaded)
     assert len(table_rows) == sum(r.count for r in rows) and columns[0] == "kind"
     metrics = summary_metrics(loaded)
+    assert metrics["average_noise_4/test_mean"] == loaded.average_noise[1].test.mean and metrics["noise_2/test_mean"] == loaded.noise[0].test.mean
+    assert metrics["verdict/generated_minus_average_noise_test_mean"] == loaded.average_verdict.difference
     assert metrics["generated/val_median"] == loaded.generated.val.median and metrics["weight_average/test_accuracy"] == avg.test.mean
     part = loaded.accurate_part()
     assert metrics["accurate_part/share"] == part.count / part.total and metrics.get("accurate_part/nearest_original_iou_mean") == part.nearest_iou

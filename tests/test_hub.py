@@ -90,7 +90,8 @@ def test_push_uploads_only_shareable_files_and_the_model_card(hub, monkeypatch, 
     gen = report.generated
     assert f"| generated | 6 | {gen.val.mean:.4f} | {gen.val.best:.4f} | {gen.best_on_val.test_accuracy:.4f} | {gen.test.mean:.4f} |" in card
     assert "| original checkpoints | 24 |" in card and "| weight average of the originals | 1 |" in card and "noise x1" in card
-    assert report.verdict.text in card
+    assert f"**Verdict:** {report.verdict.text}" in card and f"**Verdict:** {report.average_verdict.text}" in card
+    assert "| weight average + noise x1 (spread) |" in card
     assert f"generated<->generated IoU {report.generated_generated.iou.mean:.3f}, originals<->originals {report.originals.novelty.iou.mean:.3f}" in card
     assert all(f"![{p.name}]({p.name})" in card for p in plots)
 

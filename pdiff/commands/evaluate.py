@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default: the task's eval.noise_scales, else 1 2 4 8 16 32; none given: no noise baseline)")
+    p.add_argument("--average-noise-scales", type=float, nargs="*", default=None,
+                   help="scales of the weight average plus noise (default: the task's eval.average_noise_scales, else 1 2 4; none given: left out)")
     p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
     p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: the task's eval.num_noise_models, else as many as generated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
               f"generated for {args.dataset}'s frozen weights (a `pdiff sample` folder or dataset is checked).", file=sys.stderr)
     report, paths = evaluate_and_write(
         originals, generated, out, plots=not args.no_plots, device=device, seed=args.seed, batch_size=args.batch_size,
-        noise_scales=args.noise_scales, noise_mode=args.noise_mode,
+        noise_scales=args.noise_scales, average_noise_scales=args.average_noise_scales, noise_mode=args.noise_mode,
         num_noise_models=args.num_noise_models, networks_per_chunk=args.networks_per_chunk, curve=curve,
         generated_temperature=args.generated_temperature or recorded.get("temperature"),
     )

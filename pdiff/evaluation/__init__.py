@@ -8,10 +8,10 @@
 The package, in the order an evaluation runs:
 
 * `scoring`: many parameter vectors scored on one network at once (vmap), exact, with OOM back-off;
-* `baselines`: the weight average of the originals and the originals plus noise;
+* `baselines`: the weight average of the originals, the originals plus noise and the average plus noise;
 * `metrics`: novelty (IoU of test-error sets, L2 distance), accuracy statistics, selection on validation;
 * `report`: `evaluate_generated` -> the typed `Report` (what it holds is described there) and report.json;
-* `verdict`: does the generated set beat noise at equal novelty, in one line;
+* `verdict`: does the generated set beat noise (and the average plus noise) at equal novelty, in one line;
 * `render` and `plots`: the terminal summary, model-card table, tracker scalars, W&B logging and PNGs,
   each drawn from a `Report`, never from the JSON by string keys.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..data import ParameterDataset
-from .baselines import DEFAULT_NOISE_SCALES, NOISE_MODES, noise_sigmas, noisy_copies, weight_average
+from .baselines import DEFAULT_AVERAGE_NOISE_SCALES, DEFAULT_NOISE_SCALES, NOISE_MODES, noise_sigmas, noisy_averages, noisy_copies, weight_average
 from .inputs import check_same_network, load_generated
 from .metrics import SELECTION_RULE, accuracy_stats, l2_distances, select_on_val, wrong_set_iou
 from .render import format_summary, log_to_wandb, markdown_table, network_table, summary_metrics, variety_text
@@ -59,9 +59,9 @@ def evaluate_and_write(
 
 
 __all__ = [
-    "DEFAULT_NOISE_SCALES", "NOISE_MODES", "REPORT_FILE", "SCHEMA_VERSION", "SELECTION_RULE",
+    "DEFAULT_AVERAGE_NOISE_SCALES", "DEFAULT_NOISE_SCALES", "NOISE_MODES", "REPORT_FILE", "SCHEMA_VERSION", "SELECTION_RULE",
     "NetworkEvaluator", "NetworkSet", "Novelty", "Report", "Scores", "Selection", "Stats", "Summary", "Timing", "Verdict",
     "accuracy_stats", "benchmark_evaluation", "check_same_network", "evaluate_and_write", "evaluate_generated", "evaluate_network",
     "evaluate_vectors", "format_summary", "l2_distances", "load_generated", "log_to_wandb", "markdown_table", "network_table",
-    "noise_sigmas", "noisy_copies", "select_on_val", "summary_metrics", "variety_text", "verdict", "weight_average", "wrong_set_iou",
+    "noise_sigmas", "noisy_averages", "noisy_copies", "select_on_val", "summary_metrics", "variety_text", "verdict", "weight_average", "wrong_set_iou",
 ]

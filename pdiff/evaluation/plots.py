@@ -1,12 +1,12 @@
 """PNG plots of an evaluation report, drawn from the `Report` alone (so `report.json` can be re-plotted).
 
 * `accuracy_distributions.png`: validation and test accuracy of every network, per set (originals,
-  generated, each noise scale) as a box plot with the individual networks on top; the weight average
+  generated, each scale of both noise baselines) as a box plot with the individual networks on top; the weight average
   is a dashed line, the network selected on validation a star.
 * `accuracy_vs_novelty.png`: test accuracy against similarity to the nearest original, per network, by
   IoU of the test-error sets (right is closer to a copy) and by parameter L2 distance (left is closer);
   then the trade-off of set means, zoomed where the generator sits: its curve over sampling
-  temperatures and the noise scales' curve, so the two compare at equal novelty.
+  temperatures and the curves of both noise baselines, so they compare at equal novelty.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..io import atomic_file  # noqa: E402
+from .render import verdicts  # noqa: E402
 from .report import NetworkSet, Report  # noqa: E402
 
 PLOT_FILES = {"accuracy_distributions": "accuracy_distributions.png", "accuracy_vs_novelty": "accuracy_vs_novelty.png"}
@@ -30,6 +31,7 @@ COLORS = {"originals": "tab:blue", "generated": "tab:red", "weight_average": "bl
 # Sets often coincide (digits: every network at IoU 1.0 and one accuracy). Small filled originals on top of
 # larger generated diamonds on top of ever larger hollow noise rings keep every set visible where they meet.
 MARKERS = {"originals": dict(marker="s", s=12, zorder=5, edgecolor="black", linewidth=0.5), "generated": dict(marker="D", s=30, zorder=4)}
+HOLLOW = {"noise": "o", "average_noise": "^"}  # the noise baselines' hollow markers, larger with each scale
 NOVELTY_AXES = {"iou": "IoU of test errors with the nearest original (1 = same mistakes)", "l2": "L2 distance to the nearest original"}
 
 
@@ -40,7 +42,7 @@ def _boxed_sets(report: Report) -> list[NetworkSet]:
 
 def _colors(rows: list[NetworkSet]) -> list[Any]:
     shades = {}
-    for kind, cmap, lowest in (("noise", "viridis", 0.15), ("temperature", "Reds", 0.35)):
+    for kind, cmap, lowest in (("noise", "viridis", 0.15), ("average_noise", "copper", 0.2), ("temperature", "Reds", 0.35)):
         count = max(sum(row.kind == kind for row in rows), 1)
         shades[kind] = iter([plt.get_cmap(cmap)(x) for x in np.linspace(lowest, 0.85, count)])
     return [COLORS.get(row.kind) or next(shades[row.kind]) for row in rows]
@@ -82,7 +84,7 @@ def plot_accuracy_distributions(report: Report, path: str | os.PathLike) -> Path
 def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
     rows = _boxed_sets(report)
     colors = _colors(rows)
-    noise_rank = {row.name: i for i, row in enumerate(r for r in rows if r.kind == "noise")}
+    noise_rank = {row.name: i for kind in HOLLOW for i, row in enumerate(r for r in rows if r.kind == kind)}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     for ax, (measure, xlabel) in zip(axes, NOVELTY_AXES.items()):
         for row, color in zip(rows, colors):
@@ -90,7 +92,7 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
             if x is None or row.kind == "temperature":
                 continue  # a single original has no other to compare with; curve points are drawn as means below
             shown = "originals (to other originals)" if row.kind == "originals" else row.name
-            style = MARKERS.get(row.kind) or dict(marker="o", s=50 + 25 * noise_rank[row.name], facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
+            style = MARKERS.get(row.kind) or dict(marker=HOLLOW[row.kind], s=50 + 25 * noise_rank[row.name], facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
             ax.scatter(np.asarray(x, dtype=float), np.asarray(row.networks["test_accuracy"], dtype=float), alpha=0.75,
                        **({"color": color} if row.kind in MARKERS else {}), label=shown, **style)
         avg = report.weight_average
@@ -104,14 +106,14 @@ def plot_accuracy_vs_novelty(report: Report, path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     _plot_tradeoff(axes[2], report)
-    verdict = textwrap.fill(report.verdict.text, 120, break_long_words=False, break_on_hyphens=False)  # whole words only
-    fig.suptitle(f"{report.task}: accuracy vs novelty\n{verdict}", fontsize=9)
+    lines = [textwrap.fill(v.text, 140, break_long_words=False, break_on_hyphens=False) for v in verdicts(report)]  # whole words only
+    fig.suptitle("\n".join([f"{report.task}: accuracy vs novelty", *lines]), fontsize=8)
     return _save(fig, path)
 
 
 def _plot_tradeoff(ax, report: Report) -> None:
     """Set means only: mean test accuracy against mean nearest-original IoU. The generator's curve (one point
-    per temperature) and the noise scales' curve, with the originals and the weight average; the axes
+    per temperature) and both noise baselines' curves, with the originals and the weight average; the axes
     frame the generator and the originals, where the comparison at equal novelty is made."""
 
     def mean_point(row: NetworkSet) -> tuple[float, float]:
@@ -131,6 +133,9 @@ def _plot_tradeoff(ax, report: Report) -> None:
     if report.noise:
         curve(report.noise, [f"x{row.scale:g}" for row in report.noise], color="gray", marker="o", markersize=4, linestyle=":", linewidth=1,
               label="noise scales")
+    if report.average_noise:
+        curve(report.average_noise, [f"x{row.scale:g}" for row in report.average_noise], color="black", marker="^", markersize=4, linestyle="--",
+              linewidth=1, label="weight average + noise")
     for row, style in ((report.originals, dict(marker="s", color=COLORS["originals"], label="originals (to other)")),
                        (report.weight_average, dict(marker="+", s=200, color="black", linewidths=1.5, label="weight average"))):
         if row.nearest("iou") is not None:

@@ -28,13 +28,13 @@ def _iou_l2(row: NetworkSet) -> tuple[float, float]:
 
 def format_summary(report: Report) -> str:
     """A compact table of the report for the terminal."""
-    header = f"{'':<22}{'n':>5}{'val mean':>10}{'val best':>10}{'test@val':>10}{'test mean':>10}{'test min':>10}{'test std':>10}{'near IoU':>10}{'near L2':>10}"
+    header = f"{'':<28}{'n':>5}{'val mean':>10}{'val best':>10}{'test@val':>10}{'test mean':>10}{'test min':>10}{'test std':>10}{'near IoU':>10}{'near L2':>10}"
     lines = [f"task {report.task}: D={report.dim}, val {report.splits['val']}, test {report.splits['test']} examples", header]
     for row in report.rows():
         iou, l2 = _iou_l2(row)
         v, t = row.val, row.test
         lines.append(
-            f"{row.label:<22}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
+            f"{row.label:<28}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
             f"{t.mean:>10.4f}{t.min:>10.4f}{t.std:>10.4f}{iou:>10.3f}{l2:>10.4g}"
         )
     lines.append(_near_line(report))
@@ -43,11 +43,16 @@ def format_summary(report: Report) -> str:
         lines.append(_accurate_part_line(part))
     if report.nonfinite_indices:
         lines.append(f"WARNING: {len(report.nonfinite_indices)} generated networks hold NaN/Inf (counted as all wrong)")
-    lines.append("verdict: " + report.verdict.text)
+    lines.extend("verdict: " + v.text for v in verdicts(report))
     t = report.timing
     reused = f"; {t.networks_from_cache} of them read from the score cache" if t.networks_from_cache else ""
     lines.append(f"evaluated {t.networks_evaluated} networks on val+test in {t.evaluation_seconds:.2f} s on {t.device} ({t.networks_per_s} networks/s{reused})")
     return "\n".join(lines)
+
+
+def verdicts(report: Report) -> list:
+    """The verdict against noise, then the one against the weight average plus noise (when evaluated)."""
+    return [report.verdict] + ([report.average_verdict] if report.average_verdict else [])
 
 
 def _near_line(report: Report) -> str:
@@ -97,7 +102,7 @@ def markdown_table(report: Report | None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows():
-        label = f"originals + {row.label}" if row.kind == "noise" else CARD_LABELS.get(row.kind, row.label)
+        label = {"noise": f"originals + {row.label}", "average_noise": f"weight {row.label}"}.get(row.kind) or CARD_LABELS.get(row.kind, row.label)
         val, test = row.val, row.test
         rows.append(
             f"| {label} | {row.count} | {_num(val.mean)} | {_num(val.best)} | {_num(row.best_on_val.test_accuracy)} | "
@@ -115,9 +120,9 @@ def summary_metrics(report: Report) -> dict[str, float]:
         out[f"{row.kind}/test_at_best_val"] = row.best_on_val.test_accuracy
     average = report.weight_average.best_on_val
     out["weight_average/val_accuracy"], out["weight_average/test_accuracy"] = average.val_accuracy, average.test_accuracy
-    for row in report.noise:
-        out[f"noise_{row.scale:g}/test_mean"] = row.test.mean
-        out[f"noise_{row.scale:g}/nearest_original_iou_mean"] = row.novelty.iou.mean
+    for row in (*report.noise, *report.average_noise):
+        out[f"{row.kind}_{row.scale:g}/test_mean"] = row.test.mean
+        out[f"{row.kind}_{row.scale:g}/nearest_original_iou_mean"] = row.novelty.iou.mean
     for row in report.curve:
         out[f"temperature_{row.scale:g}/val_mean"], out[f"temperature_{row.scale:g}/test_mean"] = row.val.mean, row.test.mean
         out[f"temperature_{row.scale:g}/nearest_original_iou_mean"] = _mean(row.novelty.iou)
@@ -136,17 +141,19 @@ def summary_metrics(report: Report) -> dict[str, float]:
         out["accurate_part/rest_nearest_original_iou_mean"] = part.rest_nearest_iou
     out["timing/networks_per_s"] = report.timing.networks_per_s
     out["verdict/generated_minus_noise_test_mean"] = report.verdict.difference
+    if report.average_verdict:
+        out["verdict/generated_minus_average_noise_test_mean"] = report.average_verdict.difference
     return {k: v for k, v in out.items() if v is not None}
 
 
 def network_table(report: Report) -> tuple[list[str], list[list]]:
-    """One row per evaluated network (originals, generated, weight average, noise): columns and rows."""
+    """One row per evaluated network (originals, generated, curve, weight average, both noise baselines): columns and rows."""
     rows: list[list] = []
     for row in report.rows():
         iou, l2 = row.nearest("iou"), row.nearest("l2")
         for i in range(row.count):
             nets = row.networks
-            noise_scale, temperature = (row.scale, None) if row.kind == "noise" else (None, row.scale)
+            noise_scale, temperature = (None, row.scale) if row.kind == "temperature" else (row.scale, None)
             rows.append([TABLE_KINDS.get(row.kind, row.kind), noise_scale, temperature, i, nets["val_accuracy"][i], nets["test_accuracy"][i],
                          iou[i] if iou else None, l2[i] if l2 else None])
     return list(TABLE_COLUMNS), rows
@@ -178,4 +185,6 @@ def log_to_wandb(report: Report, plots: Mapping[str, os.PathLike] | None = None,
             data[f"{prefix}/{name}"] = wandb.Image(str(path))
     run.log(data, step=step)
     run.summary[f"{prefix}/verdict"] = report.verdict.text
+    if report.average_verdict:
+        run.summary[f"{prefix}/average_verdict"] = report.average_verdict.text
     return True

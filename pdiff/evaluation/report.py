@@ -3,7 +3,7 @@
     report = evaluate_generated(originals, generated_vectors)      # a Report
     report.save("outputs/digits/eval")                             # report.json, atomically
     report = Report.load("outputs/digits/eval")                    # the same Report back
-    for row in report.rows(): ...                                  # originals, generated, weight average, noise
+    for row in report.rows(): ...                                  # originals, generated, curve, weight average, noise
 
 What the report holds, and the choices behind it:
 
@@ -13,7 +13,8 @@ What the report holds, and the choices behind it:
   the test accuracy of that network is what `best_on_val` reports. `test.best` is the oracle max over the
   set, kept for comparison with the paper, which selected on test.
 * **Baselines** (see `pdiff.evaluation.baselines`): the uniform weight average of the originals (a set of
-  one network, so it reads like every other row) and the originals plus Gaussian noise at several scales.
+  one network, so it reads like every other row), the originals plus Gaussian noise at several scales, and
+  the weight average plus the same noise.
 * **Novelty** (the paper's analysis): the similarity of two networks is the IoU of their sets of wrongly
   classified test examples, |W_a ∩ W_b| / |W_a ∪ W_b| (1.0 when both sets are empty), and, independently,
   the L2 distance of their parameter vectors. For each generated (and noise) network the report gives its
@@ -24,7 +25,8 @@ What the report holds, and the choices behind it:
   noise's scale, `PDiffPipeline(temperature=...)`), each scored like the generated set, so the report
   shows where the generator sits on the accuracy-novelty plane and how far it can move along it.
 * **Verdict**, one line: the generated set against noise at its own mean nearest-original IoU (equal
-  novelty), read off the noise scales' curve between the two scales around it (see `verdict.py`).
+  novelty), read off the noise scales' curve between the two scales around it (see `verdict.py`); a second
+  line holds it to the weight average plus noise the same way.
 * **Where the novelty comes from**: the generated networks that reach the originals' mean validation
   accuracy against the rest, each part's test mean and nearest-original IoU (`Report.accurate_part`).
 
@@ -51,7 +53,7 @@ import torch
 from ..data import ParameterDataset
 from ..io import read_json, write_json
 from ..tasks import Task
-from .baselines import DEFAULT_NOISE_SCALES, noisy_copies, weight_average
+from .baselines import DEFAULT_AVERAGE_NOISE_SCALES, DEFAULT_NOISE_SCALES, noisy_averages, noisy_copies, weight_average
 from .inputs import as_vectors
 from .metrics import SELECTION_RULE, accuracy_stats, l2_distances, nearest_columns, select_on_val, summary, wrong_set_iou
 from .scoring import SPLITS, NetworkEvaluator, Scores, Timing
@@ -61,6 +63,7 @@ REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
 SIMILARITY_MEASURE = "per network: max IoU of test wrong-example sets / min parameter L2 distance to the nearest member of the other set"
 LABELS = {"originals": "originals (to other)", "generated": "generated", "weight_average": "weight average"}
+NOISE_NAMES = {"noise": "noise", "average_noise": "average + noise"}  # the two noise baselines: originals or their average, plus noise
 CURVE_KNOB = "temperature"
 
 
@@ -140,8 +143,8 @@ class Selection:
 class NetworkSet:
     """One row of the report: a set of networks scored on both splits, with their novelty."""
 
-    kind: str  # "originals" | "generated" | "temperature" (a point of the generator's curve) | "weight_average" | "noise"
-    label: str  # terminal label: "originals (to other)", "generated", "generated T=0.5", "weight average", "noise x2 (spread)"
+    kind: str  # "originals" | "generated" | "temperature" (a point of the generator's curve) | "weight_average" | "noise" | "average_noise"
+    label: str  # terminal label: "originals (to other)", "generated", "generated T=0.5", "weight average", "noise x2 (spread)", "average + noise x2 (spread)"
     count: int
     val: Stats
     test: Stats
@@ -152,10 +155,10 @@ class NetworkSet:
 
     @property
     def name(self) -> str:
-        """Short name for plot axes and legends: "originals", "weight average", "noise x2", "T=0.5", ..."""
+        """Short name for plot axes and legends: "originals", "weight average", "noise x2", "average + noise x2", "T=0.5", ..."""
         if self.kind == "temperature":
             return f"T={self.scale:g}"
-        return f"noise x{self.scale:g}" if self.kind == "noise" else self.kind.replace("_", " ")
+        return f"{NOISE_NAMES[self.kind]} x{self.scale:g}" if self.kind in NOISE_NAMES else self.kind.replace("_", " ")
 
     def nearest(self, measure: str) -> list | None:
         """Per network, the IoU ("iou") or L2 ("l2") to the nearest original; None when there is none."""
@@ -187,7 +190,7 @@ class NetworkSet:
 def set_label(kind: str, scale: float | None = None, mode: str = "") -> str:
     if kind == "temperature":
         return f"generated T={scale:g}"
-    return f"noise x{scale:g} ({mode})" if kind == "noise" else LABELS[kind]
+    return f"{NOISE_NAMES[kind]} x{scale:g} ({mode})" if kind in NOISE_NAMES else LABELS[kind]
 
 
 def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,6 +241,8 @@ class Report:
     training: dict | None = None
     curve: list[NetworkSet] = field(default_factory=list)  # the generator at other temperatures, ascending
     generated_temperature: float | None = None  # the generated set's own temperature, when known
+    average_noise: list[NetworkSet] = field(default_factory=list)  # the weight average plus noise, by scale
+    average_verdict: Verdict | None = None  # the verdict against the weight average plus noise
 
     def curve_points(self) -> list[NetworkSet]:
         """The generator's curve in temperature order, with the generated set where its temperature is known."""
@@ -289,12 +294,13 @@ class Report:
 
     def rows(self) -> Iterator[NetworkSet]:
         """Every set of networks in report order: originals, generated, the generator's curve, weight
-        average, each noise scale."""
+        average, each noise scale, each scale of the average plus noise."""
         yield self.originals
         yield self.generated
         yield from self.curve
         yield self.weight_average
         yield from self.noise
+        yield from self.average_noise
 
     # -- report.json ----------------------------------------------------------------------------
 
@@ -313,8 +319,9 @@ class Report:
                 "weight_average": self.weight_average.single_dict(),
                 "noise": {
                     "mode": self.noise_mode, "seed": self.noise_seed, "num_models": self.noise_num_models, "sigma_per_tensor": self.sigma_per_tensor,
-                    "scales": [{"scale": s.scale, **s.group_dict(), "similarity_to_originals": _novelty_dict(s.novelty)} for s in self.noise],
+                    "scales": [_scale_dict(s) for s in self.noise],
                 },
+                "average_noise": {"scales": [_scale_dict(s) for s in self.average_noise]},  # noise's mode, seed and draws
             },
             "similarity": {
                 "measure": SIMILARITY_MEASURE,
@@ -324,10 +331,13 @@ class Report:
                 # The flat weight-average entry of schema 1: one network, so its IoU and L2 are plain numbers.
                 "weight_average_original": {m: self.weight_average.nearest(m)[0] for m in ("iou", "l2")},
                 "noise_original": {str(s.scale): _novelty_dict(s.novelty) for s in self.noise},
+                "average_noise_original": {str(s.scale): _novelty_dict(s.novelty) for s in self.average_noise},
             },
             "timing": asdict(self.timing),
             "verdict": self.verdict.to_dict(),
         }
+        if self.average_verdict is not None:
+            out["average_verdict"] = self.average_verdict.to_dict()
         out.update({k: v for k, v in (("selected", self.selected), ("training", self.training)) if v is not None})
         return jsonable(out)
 
@@ -350,6 +360,10 @@ class Report:
             schema_version=d["schema_version"], selected=d.get("selected"), training=d.get("training"),
             curve=[NetworkSet.from_group("temperature", p, p["similarity_to_originals"], p[CURVE_KNOB]) for p in d.get("generated_curve", {}).get("points", [])],
             generated_temperature=d.get("generated_curve", {}).get("generated_at"),
+            # Reports written before the average-plus-noise baseline have neither key.
+            average_noise=[NetworkSet.from_group("average_noise", e, e["similarity_to_originals"], e["scale"], noise["mode"])
+                           for e in d["baselines"].get("average_noise", {}).get("scales", [])],
+            average_verdict=Verdict(**_known(Verdict, d["average_verdict"])) if "average_verdict" in d else None,
         )
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -367,6 +381,10 @@ def _novelty_dict(novelty: Novelty | None) -> dict[str, Any] | None:
     return None if novelty is None else asdict(novelty)
 
 
+def _scale_dict(row: NetworkSet) -> dict[str, Any]:
+    return {"scale": row.scale, **row.group_dict(), "similarity_to_originals": _novelty_dict(row.novelty)}
+
+
 # -- building it --------------------------------------------------------------------------------
 
 
@@ -377,6 +395,7 @@ def evaluate_generated(
     task: Task | None = None,
     device: str | torch.device | None = None,
     noise_scales: Sequence[float] | None = None,
+    average_noise_scales: Sequence[float] | None = None,
     noise_mode: str = "spread",
     num_noise_models: int | None = None,
     seed: int = 0,
@@ -390,7 +409,9 @@ def evaluate_generated(
 
     `noise_scales` and `num_noise_models` default to the task's (`task.eval.*`), else to
     `DEFAULT_NOISE_SCALES` and the number of generated networks, so every noise scale is a set of the
-    same size; `noise_scales=()` leaves the noise baseline out. `curve` maps sampling temperatures to
+    same size; `noise_scales=()` leaves the noise baseline out. `average_noise_scales` (the task's
+    `eval.average_noise_scales`, else `DEFAULT_AVERAGE_NOISE_SCALES`; `()`: left out) are the weight average
+    plus the same noise draws. `curve` maps sampling temperatures to
     vectors the same generator sampled at them (the points of its accuracy-novelty curve); each is
     scored like the generated set.
     `generated_temperature` is the temperature `generated` itself was sampled at, when known.
@@ -402,32 +423,37 @@ def evaluate_generated(
     num_noise_models = num_noise_models or task.num_noise_models or len(generated)
     if noise_scales is None:
         noise_scales = DEFAULT_NOISE_SCALES if task.noise_scales is None else task.noise_scales
-    noise_scales = sorted({float(s) for s in noise_scales})
+    if average_noise_scales is None:
+        average_noise_scales = DEFAULT_AVERAGE_NOISE_SCALES if task.average_noise_scales is None else task.average_noise_scales
+    noise_scales, average_noise_scales = (sorted({float(s) for s in scales}) for scales in (noise_scales, average_noise_scales))
     noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
     if noise_scales:
         noise, noise_base, sigmas = noisy_copies(originals.vectors, originals.layout, noise_scales, num_noise_models, seed=seed, mode=noise_mode)
+    average_noise = noisy_averages(originals.vectors, originals.layout, average_noise_scales, num_noise_models, seed=seed, mode=noise_mode)
     evaluator = NetworkEvaluator(
         task, originals.base_state, originals.layout, device=device, batch_size=batch_size,
         networks_per_chunk=networks_per_chunk, max_networks_per_pass=max_networks_per_pass,
     )
     curve = {float(t): as_vectors(v, originals) for t, v in sorted((curve or {}).items())}
-    sets = _score_sets(evaluator, originals.vectors, generated, noise, noise_base, noise_mode, curve)
+    sets = _score_sets(evaluator, originals.vectors, generated, noise, noise_base, average_noise, noise_mode, curve)
     splits = {name: len(evaluator.splits[name]) for name in SPLITS}
     stored_val = originals.column("val_accuracy")
     report = Report(
         task=task.name, dim=originals.dim, parameters=list(originals.layout.names), splits=splits, selection_rule=SELECTION_RULE, **sets,
-        noise_mode=noise_mode, noise_seed=int(seed), noise_num_models=num_noise_models if noise_scales else 0,
+        noise_mode=noise_mode, noise_seed=int(seed), noise_num_models=num_noise_models if noise_scales or average_noise_scales else 0,
         sigma_per_tensor={} if sigmas is None else {name: float(v) for name, v in zip(originals.layout.names, sigmas)},
         nonfinite_indices=(~torch.isfinite(generated).all(1)).nonzero().flatten().tolist(),
         stored_val_accuracy_matches=bool(np.allclose(stored_val, sets["originals"].networks["val_accuracy"], atol=0.5 / splits["val"])),
-        verdict=verdict(sets["generated"], sets["noise"], splits["test"], noise_mode), timing=evaluator.timing(),
+        verdict=verdict(sets["generated"], sets["noise"], splits["test"], noise_mode),
+        average_verdict=verdict(sets["generated"], sets["average_noise"], splits["test"], noise_mode, "average_noise") if average_noise else None,
+        timing=evaluator.timing(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), generated_temperature=generated_temperature,
     )
     report.timing.total_seconds = round(time.perf_counter() - started, 4)
     return report
 
 
-def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, noise_mode: str, curve: dict) -> dict[str, Any]:
+def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, average_noise: dict, noise_mode: str, curve: dict) -> dict[str, Any]:
     """Score every set on both splits and measure its novelty: all on the test split's wrong-example sets
     and on the parameter vectors."""
 
@@ -438,6 +464,7 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
     average = weight_average(orig_vectors)
     orig, gen, avg = score(orig_vectors, reference=True), score(generated), score(average, reference=True)
     noise_scores = {s: score(v, reference=True) for s, v in noise.items()}
+    average_noise_scores = {s: score(v, reference=True) for s, v in average_noise.items()}
     orig_wrong = orig["test"].wrong
 
     def to_originals(vectors, scores) -> dict[str, list]:
@@ -460,6 +487,9 @@ def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dic
         "noise": [
             _network_set("noise", noise_scores[s], to_originals(v, noise_scores[s]), scale=s, mode=noise_mode, base_index=noise_base.tolist())
             for s, v in noise.items()
+        ],
+        "average_noise": [
+            _network_set("average_noise", average_noise_scores[s], to_originals(v, average_noise_scores[s]), scale=s, mode=noise_mode) for s, v in average_noise.items()
         ],
         "generated_generated": Novelty.of(gen_columns, "other_generated"),
         "curve": [_curve_point(t, v, score(v), to_originals) for t, v in curve.items()],

@@ -9,6 +9,7 @@ the nearest scale stands in. When no scale is within 0.05 IoU the line says so. 
 *beats* the baseline when its mean test accuracy is higher by a margin of at least max(1 / N_test, 2 standard
 errors of the difference), *loses* when lower by as much, and *ties* otherwise. The noise scales perturb the
 same originals along one shared draw, so an interpolated baseline's standard error is taken at its upper bound.
+The same rule holds the generated set to the weight average plus noise (`kind="average_noise"`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # report.py imports this module: the type only, no import cycle
     from .report import NetworkSet
 
+BASELINE_NAMES = {"noise": ("noise", "noise"), "average_noise": ("the weight average plus noise", "average + noise")}  # (in the sentence, by scale)
 EQUAL_NOVELTY_TOLERANCE = 0.05  # mean-IoU gap up to which a noise scale counts as "equal novelty"
 VERDICT_RULE = (
     "compare with the noise baseline at the generated set's mean nearest-original test-error IoU: the noise scales' "
@@ -54,10 +56,12 @@ class Verdict:
         return d if self.matched_scale is not None else {k: d[k] for k in ("rule", "outcome", "text")}
 
 
-def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, noise_mode: str) -> Verdict:
-    """Does the generated set beat the noise baseline at equal novelty? (VERDICT_RULE, one line in `text`.)"""
+def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, noise_mode: str, kind: str = "noise") -> Verdict:
+    """Does the generated set beat a noise baseline (`kind`: "noise", "average_noise") at equal novelty?
+    (VERDICT_RULE, one line in `text`.)"""
+    baseline, by_scale = BASELINE_NAMES[kind]
     if not noise or generated.novelty is None:
-        return Verdict(VERDICT_RULE, None, text="no noise baseline was evaluated: no verdict")
+        return Verdict(VERDICT_RULE, None, text=f"no {by_scale} baseline was evaluated: no verdict")
     g = generated.novelty.iou.mean
     match = min(noise, key=lambda s: (abs(s.novelty.iou.mean - g), s.scale))
     weights = _weights_at(noise, g) or {match.scale: 1.0}
@@ -74,12 +78,12 @@ def verdict(generated: NetworkSet, noise: Sequence[NetworkSet], num_test: int, n
     between = sorted(weights) if len(weights) == 2 else None
     if between:
         lo, hi = (scales[k] for k in between)
-        where = (f"noise interpolated between scales {lo.scale:g} and {hi.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} "
+        where = (f"{by_scale} interpolated between scales {lo.scale:g} and {hi.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} "
                  f"(x{lo.scale:g}: {lo.novelty.iou.mean:.3f}, x{hi.scale:g}: {hi.novelty.iou.mean:.3f})")
     else:
-        where = f"noise scale {match.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
+        where = f"{by_scale} scale {match.scale:g} ({noise_mode}), mean nearest-original IoU {g:.3f} vs {n:.3f}"
     text = (
-        f"generated {outcome} noise at equal novelty: mean test accuracy {generated.test.mean:.4f} vs {noise_mean:.4f} "
+        f"generated {outcome} {baseline} at equal novelty: mean test accuracy {generated.test.mean:.4f} vs {noise_mean:.4f} "
         f"({diff:+.4f}, margin {margin:.4f}) for {where}"
     )
     gap = abs(match.novelty.iou.mean - g)  # interpolated or not, how far the nearest measured noise set is

@@ -40,6 +40,12 @@ class Task:
         return None if scales is None else tuple(float(s) for s in scales)
 
     @property
+    def average_noise_scales(self) -> tuple[float, ...] | None:
+        """The scales of the weight average plus noise (`task.eval.average_noise_scales`); None: the report's default."""
+        scales = self.config["eval"].get("average_noise_scales")
+        return None if scales is None else tuple(float(s) for s in scales)
+
+    @property
     def num_noise_models(self) -> int | None:
         """Networks per noise scale (`task.eval.num_noise_models`); None: as many as are generated."""
         count = self.config["eval"].get("num_noise_models")
