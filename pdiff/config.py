@@ -87,8 +87,8 @@ class ParamSchema:
 @dataclass(kw_only=True)
 class EvalSchema:
     batch_size: int = rule(ge=1)
-    noise_scales: Optional[list[float]] = rule(**OPTIONAL)  # the noise baseline's scales (null: 1 2 4 8 16 32)
-    average_noise_scales: Optional[list[float]] = rule(**OPTIONAL)  # the weight average plus noise, its scales (null: 1 2 4)
+    noise_scales: Optional[list[float]] = rule(ge=0, **OPTIONAL)  # the noise baseline's scales (null: 1 2 4 8 16 32)
+    average_noise_scales: Optional[list[float]] = rule(ge=0, **OPTIONAL)  # the weight average plus noise, its scales (null: 1 2 4)
     num_noise_models: Optional[int] = rule(ge=1, **OPTIONAL)  # networks per noise scale (null: as many as generated)
 
 

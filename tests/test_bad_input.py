@@ -74,6 +74,8 @@ CONFIG_CASES = [
     ("train hub.push_to_hub=true", "hub.push_to_hub=true needs hub.model_id"),
     ("config task.param.k=abc", "task.param.k=abc: expected an integer"),
     ("config train.eval_every=-1", "train.eval_every=-1: must be >= 0"),
+    ("config +task.eval.average_noise_scales=[1,-1]", "task.eval.average_noise_scales=[1, -1]: must be >= 0 each"),
+    ("config +task.eval.noise_scales=[-2]", "task.eval.noise_scales=[-2]: must be >= 0 each"),
     ("bench task.param.k=abc --device cpu", "task.param.k=abc: expected an integer"),
 ]
 
@@ -118,6 +120,8 @@ PARSER_CASES = [  # refused by argparse itself: exit 2 and a usage line
     ("sample --model m --out o --num-models 0", "--num-models: 0 is not a positive integer"),
     ("evaluate --dataset d --generated g --out o --batch-size 0", "--batch-size: 0 is not a positive integer"),
     ("evaluate --dataset d --generated g --out o --networks-per-chunk 0", "--networks-per-chunk: 0 is not a positive integer"),
+    ("evaluate --dataset d --generated g --out o --average-noise-scales -1", "--average-noise-scales: -1 is not a finite number >= 0"),
+    ("evaluate --dataset d --generated g --out o --noise-scales 1 nan", "--noise-scales: nan is not a finite number >= 0"),
     ("bench --num-models 0", "--num-models: 0 is not a positive integer"),
     ("bench --steps -1", "--steps: -1 is not a positive integer"),
     ("sample --model m --out o key=value", "unrecognized arguments: key=value"),

@@ -32,6 +32,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number from 0 up (a noise scale; 0 keeps the networks it perturbs)."""
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a finite number >= 0")
+    return value
+
+
 def unit_interval(text: str) -> float:
     """An argparse type: a number from 0 to 1 (DDIM's eta)."""
     value = _number(text)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import add_trust_flag, positive_float, positive_int
+from .arguments import add_trust_flag, non_negative_float, positive_float, positive_int
 
 CURVE_TEMPERATURES = (0.5, 0.75, 1.0, 1.25)
 
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generated", required=True, help="generated parameters: a parameter dataset, a `pdiff sample` folder, or a .pt/.safetensors/.npy [N, D] tensor")
     p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
-    p.add_argument("--noise-scales", type=float, nargs="*", default=None, help="noise baseline scales (default: the task's eval.noise_scales, else 1 2 4 8 16 32; none given: no noise baseline)")
-    p.add_argument("--average-noise-scales", type=float, nargs="*", default=None,
+    p.add_argument("--noise-scales", type=non_negative_float, nargs="*", default=None, help="noise baseline scales (default: the task's eval.noise_scales, else 1 2 4 8 16 32; none given: no noise baseline)")
+    p.add_argument("--average-noise-scales", type=non_negative_float, nargs="*", default=None,
                    help="scales of the weight average plus noise (default: the task's eval.average_noise_scales, else 1 2 4; none given: left out)")
     p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
     p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: the task's eval.num_noise_models, else as many as generated)")
