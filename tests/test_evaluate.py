@@ -19,6 +19,7 @@ from pdiff.evaluation import (
     Selection,
     Stats,
     Summary,
+    Twins,
     benchmark_evaluation,
     evaluate_generated,
     evaluate_network,
@@ -359,6 +360,22 @@ def test_the_summary_says_when_the_generated_networks_vary_less_than_the_origina
     assert near_line(0.923, 0.994).endswith("generated<->generated IoU 0.923, originals<->originals 0.994")
     lone_original = dataclasses.replace(report, originals=dataclasses.replace(report.originals, novelty=None))  # no other original to compare
     assert variety_text(lone_original) == f"generated<->generated IoU {report.generated_generated.iou.mean:.3f}"
+
+
+def test_the_summary_counts_generated_networks_nearer_to_each_other_than_any_two_originals(report):
+    """A generator that collapses onto a few modes samples near-duplicates: the bar is the originals' closest pair."""
+    def made(generated_l2: list, originals_l2: list) -> Report:
+        return dataclasses.replace(
+            report, generated=dataclasses.replace(report.generated, networks={**report.generated.networks, "nearest_other_generated_l2": generated_l2}),
+            originals=dataclasses.replace(report.originals, networks={**report.originals.networks, "nearest_other_original_l2": originals_l2}))
+
+    collapsed = made([0.001, 0.001, 0.5, None], [0.05, 0.02])  # None: a non-finite network, counted elsewhere
+    assert collapsed.twins() == Twins(2, 3, 0.02)
+    assert variety_text(collapsed).endswith("; 2 of 3 generated networks are nearer to another generated one than the two closest originals are to each other (L2 0.02)")
+    assert summary_metrics(collapsed)["similarity/generated_twins_share"] == pytest.approx(2 / 3)
+    varied = made([0.5, 0.3], [0.05, 0.02])
+    assert varied.twins().count == 0 and "nearer to another generated one" not in variety_text(varied)
+    assert Report.from_dict(collapsed.to_dict()).twins() == collapsed.twins()  # from report.json's columns alone
 
 
 def test_the_summary_says_where_the_novelty_comes_from(report):

@@ -29,7 +29,7 @@ from .baselines import DEFAULT_AVERAGE_NOISE_SCALES, DEFAULT_NOISE_SCALES, NOISE
 from .inputs import check_same_network, load_generated
 from .metrics import SELECTION_RULE, accuracy_stats, l2_distances, select_on_val, wrong_set_iou
 from .render import format_summary, log_to_wandb, markdown_table, network_table, summary_metrics, variety_text
-from .report import REPORT_FILE, SCHEMA_VERSION, NetworkSet, Novelty, Report, Selection, Stats, Summary, evaluate_generated
+from .report import REPORT_FILE, SCHEMA_VERSION, NetworkSet, Novelty, Report, Selection, Stats, Summary, Twins, evaluate_generated
 from .scoring import NetworkEvaluator, Scores, Timing, benchmark_evaluation, evaluate_network, evaluate_vectors
 from .verdict import Verdict, verdict
 
@@ -60,7 +60,7 @@ def evaluate_and_write(
 
 __all__ = [
     "DEFAULT_AVERAGE_NOISE_SCALES", "DEFAULT_NOISE_SCALES", "NOISE_MODES", "REPORT_FILE", "SCHEMA_VERSION", "SELECTION_RULE",
-    "NetworkEvaluator", "NetworkSet", "Novelty", "Report", "Scores", "Selection", "Stats", "Summary", "Timing", "Verdict",
+    "NetworkEvaluator", "NetworkSet", "Novelty", "Report", "Scores", "Selection", "Stats", "Summary", "Timing", "Twins", "Verdict",
     "accuracy_stats", "benchmark_evaluation", "check_same_network", "evaluate_and_write", "evaluate_generated", "evaluate_network",
     "evaluate_vectors", "format_summary", "l2_distances", "load_generated", "log_to_wandb", "markdown_table", "network_table",
     "noise_sigmas", "noisy_averages", "noisy_copies", "select_on_val", "summary_metrics", "variety_text", "verdict", "weight_average", "wrong_set_iou",

@@ -76,6 +76,10 @@ def variety_text(report: Report) -> str:
         text += f", originals<->originals {originals_iou:.3f}"
         if generated_iou > originals_iou:
             text += ": the generated networks vary less than the originals"
+    twins = report.twins()
+    if twins and twins.count:
+        text += (f"; {twins.count} of {twins.total} generated networks are nearer to another generated one than the two "
+                 f"closest originals are to each other (L2 {twins.threshold:.4g})")
     return text
 
 
@@ -139,6 +143,9 @@ def summary_metrics(report: Report) -> dict[str, float]:
         out["accurate_part/nearest_original_iou_mean"] = part.nearest_iou
         out["accurate_part/rest_test_mean"] = part.rest_test_mean
         out["accurate_part/rest_nearest_original_iou_mean"] = part.rest_nearest_iou
+    twins = report.twins()
+    if twins and twins.total:
+        out["similarity/generated_twins_share"] = twins.count / twins.total
     out["timing/networks_per_s"] = report.timing.networks_per_s
     out["verdict/generated_minus_noise_test_mean"] = report.verdict.difference
     if report.average_verdict:

@@ -213,6 +213,16 @@ class AccuratePart:
 
 
 @dataclass
+class Twins:
+    """The generated networks nearer (parameter L2) to another generated network than the two closest originals
+    are to each other (`threshold`): how many of how many."""
+
+    count: int
+    total: int
+    threshold: float
+
+
+@dataclass
 class Report:
     """Everything `evaluate_generated` found; see the module docstring. `selected` and `training` are
     set by the training script before the report is saved next to the generator."""
@@ -291,6 +301,20 @@ class Report:
 
         return AccuratePart(self.originals.val.mean, int(accurate.sum()), int(finite.sum()), mean(test[accurate]), mean(iou[accurate]),
                             mean(test[~accurate]), mean(iou[~accurate]))
+
+    def twins(self) -> Twins | None:
+        """Near-duplicates among the generated networks. A generator that collapses onto a few modes samples
+        networks far from every original yet nearly equal to each other; distance to the originals cannot show
+        that, nor can a mean over the set. The bar is the originals' own closest pair, so no radius is chosen.
+        None without both distances (a lone original or generated network)."""
+        generated = self.generated.networks.get("nearest_other_generated_l2")
+        originals = self.originals.networks.get("nearest_other_original_l2")
+        if not generated or not originals:
+            return None
+        distances = np.asarray([math.nan if d is None else d for d in generated], dtype=float)
+        distances = distances[~np.isnan(distances)]  # non-finite networks are counted elsewhere
+        threshold = float(np.nanmin(np.asarray([math.nan if d is None else d for d in originals], dtype=float)))
+        return Twins(int((distances < threshold).sum()), len(distances), threshold)
 
     def rows(self) -> Iterator[NetworkSet]:
         """Every set of networks in report order: originals, generated, the generator's curve, weight
