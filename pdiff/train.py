@@ -42,6 +42,7 @@ from omegaconf import DictConfig, open_dict
 from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
+from pdiff.evaluation.metrics import nearest_other_l2
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
 from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCodec, TargetNetwork, TokenAutoencoder, UNet1DModel, autoencoder_from_config, build_unet
 from pdiff.pipelines import PDiffPipeline
@@ -301,12 +302,17 @@ def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: Param
     """Make the generator's default temperature the most novel one that is, on validation, as accurate as the
     originals on average (`most_novel_temperature`); what was measured goes into the report's `selected`."""
     reference = float(torch.as_tensor(dataset.column("val_accuracy")).mean())
-    temperature, means = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device, known)
+    closest_pair = float(nearest_other_l2(dataset.vectors).min())
+    temperature, means, duplicates = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device, known, closest_pair)
     pipe.register_to_config(default_temperature=temperature)
+    num_models = int(cfg.train.eval_num_models)
     logger.info(f"temperature {temperature:g} selected on validation: mean accuracy by temperature "
-                + ", ".join(f"{t:g}: {m:.4f}" for t, m in means.items()) + f" (originals {reference:.4f})", main_process_only=True)
+                + ", ".join(f"{t:g}: {m:.4f} ({duplicates[t]} of {num_models} near-duplicates)" for t, m in means.items())
+                + f" (originals {reference:.4f}; near-duplicate: nearer to another sampled network than the originals' closest pair, L2 {closest_pair:.4g})",
+                main_process_only=True)
     return {"temperature": temperature, "temperature_rule": "the highest whose validation mean reaches the originals'",
-            "temperature_val_means": {f"{t:g}": m for t, m in means.items()}, "originals_val_mean": reference}
+            "temperature_val_means": {f"{t:g}": m for t, m in means.items()}, "originals_val_mean": reference,
+            "temperature_near_duplicates": {f"{t:g}": n for t, n in duplicates.items()}, "originals_closest_pair_l2": closest_pair}
 
 
 def select_and_report(run: TrainingRun, last: PDiffPipeline, dataset: ParameterDataset, task: Task) -> Report:

@@ -123,6 +123,14 @@ def test_wrong_set_iou_hand_made_cases():
         wrong_set_iou(a, torch.zeros(2, 5, dtype=torch.bool))
 
 
+def test_nearest_other_l2_excludes_each_vector_itself():
+    from pdiff.evaluation.metrics import nearest_other_l2
+
+    vectors = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0 + 2**-10], [10.0, 0.0]])  # exact in float32: a near-duplicate pair
+    assert nearest_other_l2(vectors).tolist() == [5.0, 2**-10, 2**-10, math.hypot(7.0, 4.0)]
+    assert nearest_other_l2(vectors[:1]).tolist() == [math.inf]
+
+
 def test_select_on_val_uses_validation_only():
     # Ties on accuracy are broken by the lower loss, then the lower index.
     assert select_on_val(torch.tensor([0.8, 0.9, 0.9]), torch.tensor([0.1, 0.5, 0.4])) == 2

@@ -216,6 +216,10 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     means = {float(t): m for t, m in chosen["temperature_val_means"].items()}
     assert sorted(means) == [0.5, 0.75, 1.0, 1.25]
     assert report.generated_temperature == chosen["temperature"] == most_novel_temperature(means, chosen["originals_val_mean"])
+    # Near-duplicates are counted per temperature against the originals' closest pair (reported, not part of the rule).
+    duplicates = chosen["temperature_near_duplicates"]
+    assert sorted(map(float, duplicates)) == sorted(means) and all(0 <= n <= 100 for n in duplicates.values())
+    assert chosen["originals_closest_pair_l2"] == pytest.approx(min(report.originals.networks["nearest_other_original_l2"]))
     assert json.loads((tmp_path / "generator" / "model_index.json").read_text())["default_temperature"] == chosen["temperature"]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["selected"] == chosen
     ious = [p.novelty.iou.mean for p in points]

@@ -53,6 +53,13 @@ def l2_distances(a: torch.Tensor, b: torch.Tensor | None = None, *, chunk_size: 
     return out
 
 
+def nearest_other_l2(vectors: torch.Tensor) -> torch.Tensor:
+    """Per vector [N, D], the L2 distance to the nearest other vector of the set -> [N] (inf for a lone vector)."""
+    distances = l2_distances(vectors)
+    distances.fill_diagonal_(float("inf"))
+    return distances.min(1).values
+
+
 def nearest(matrix: torch.Tensor, *, largest: bool, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per row, the best value and its column; `exclude_self` ignores the diagonal (a set against itself).
 

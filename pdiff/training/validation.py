@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from ..evaluation.cache import state_dict_digest
+from ..evaluation.metrics import nearest_other_l2
 from ..evaluation.scoring import evaluate_vectors
 from ..models import ParameterAutoencoder, TargetNetwork, UNet1DModel
 from ..pipelines import PDiffPipeline, sampler_scheduler
@@ -52,13 +53,19 @@ def most_novel_temperature(val_means: dict[float, float], reference: float) -> f
 
 
 def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: float, num_models: int, seed: int, device,
-                       known: dict[float, float] | None = None) -> tuple[float, dict[float, float]]:
+                       known: dict[float, float] | None = None, closest_pair: float | None = None) -> tuple[float, dict[float, float], dict[float, int]]:
     """`most_novel_temperature` among `candidates`, each scored on `num_models` fresh networks (validation only).
-    `known`: validation means already measured on these very draws (`sample_for_validation`, same seed)."""
+    `known`: validation means already measured on these very draws (`sample_for_validation`, same seed).
+    Also, per temperature, how many of the networks are near-duplicates: nearer (L2) to another of them than
+    `closest_pair`, the originals' two closest checkpoints (counted, not yet part of the rule)."""
     known = known or {}
-    means = {t: known[t] if t in known else float(validation_accuracy(task, pipe.target, sample_for_validation(pipe, num_models, seed, t), device).mean())
-             for t in sorted(set(candidates))}
-    return most_novel_temperature(means, reference), means
+    means, duplicates = {}, {}
+    for t in sorted(set(candidates)):
+        vectors = sample_for_validation(pipe, num_models, seed, t)  # sampling is cheap next to scoring: drawn again when known
+        means[t] = known[t] if t in known else float(validation_accuracy(task, pipe.target, vectors, device).mean())
+        if closest_pair is not None:
+            duplicates[t] = int((nearest_other_l2(vectors.cpu()) < closest_pair).sum())
+    return most_novel_temperature(means, reference), means, duplicates
 
 
 def validation_accuracy(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
