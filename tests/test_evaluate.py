@@ -447,6 +447,11 @@ def test_no_noise_baseline_and_a_nonfinite_network(originals, candidates):
     assert Report.from_dict(d) == r
     summary = format_summary(r)  # the L2 to a non-finite network is NaN (null in JSON): still renders
     assert "WARNING: 1 generated networks hold NaN/Inf" in summary and "no verdict" in summary
+    lone = ParameterDataset.from_vectors(originals.vectors[:1], {c: originals.column(c)[:1].tolist() for c in ("step", "seed", "val_accuracy", "val_loss", "test_accuracy", "test_loss")},
+                                         originals.layout, originals.task_config, originals.base_state)
+    assert evaluate_generated(lone, generated, device="cpu", noise_scales=(), average_noise_scales=()).originals.count == 1  # no spread needed
+    with pytest.raises(ValueError, match="--noise-mode absolute"):
+        evaluate_generated(lone, generated, device="cpu", noise_scales=())  # the average plus noise needs the originals' spread
 
 
 def test_rejects_vectors_of_another_layout(originals):

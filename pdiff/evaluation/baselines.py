@@ -25,7 +25,7 @@ import torch
 from ..params import ParameterLayout
 
 DEFAULT_NOISE_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-DEFAULT_AVERAGE_NOISE_SCALES = (1.0, 2.0, 4.0)  # past x4 the average plus noise is as far off as the originals plus noise
+DEFAULT_AVERAGE_NOISE_SCALES = (1.0, 2.0, 4.0)  # x4 is already more novel than generators reach (Fashion-MNIST: IoU 0.78)
 NOISE_MODES = ("spread", "absolute")
 
 
@@ -41,7 +41,8 @@ def noise_sigmas(vectors: torch.Tensor, layout: ParameterLayout, mode: str = "sp
     if mode == "absolute":
         return torch.ones(len(layout.slots), dtype=torch.float64)
     if len(vectors) < 2:
-        raise ValueError("noise_mode='spread' needs at least 2 original checkpoints to measure their spread; use 'absolute'")
+        raise ValueError("noise_mode='spread' needs at least 2 original checkpoints to measure their spread; use 'absolute' "
+                         "(pdiff evaluate --noise-mode absolute), or no noise scales (--noise-scales --average-noise-scales, given no values)")
     deviation = vectors.to(torch.float64) - vectors.to(torch.float64).mean(0, keepdim=True)
     return torch.stack([deviation[:, s.offset : s.end].pow(2).mean().sqrt() for s in layout.slots])
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from .report import AccuratePart, NetworkSet, Report, Summary
 from .scoring import SPLITS
+from .verdict import Verdict
 
 CARD_LABELS = {"originals": "original checkpoints", "generated": "generated", "weight_average": "weight average of the originals"}
 TABLE_COLUMNS = ["kind", "noise_scale", "temperature", "index", "val_accuracy", "test_accuracy", "nearest_original_iou", "nearest_original_l2"]
@@ -50,7 +51,7 @@ def format_summary(report: Report) -> str:
     return "\n".join(lines)
 
 
-def verdicts(report: Report) -> list:
+def verdicts(report: Report) -> list[Verdict]:
     """The verdict against noise, then the one against the weight average plus noise (when evaluated)."""
     return [report.verdict] + ([report.average_verdict] if report.average_verdict else [])
 

@@ -453,7 +453,9 @@ def evaluate_generated(
     noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
     if noise_scales:
         noise, noise_base, sigmas = noisy_copies(originals.vectors, originals.layout, noise_scales, num_noise_models, seed=seed, mode=noise_mode)
-    average_noise = noisy_averages(originals.vectors, originals.layout, average_noise_scales, num_noise_models, seed=seed, mode=noise_mode)
+    average_noise = {}
+    if average_noise_scales:
+        average_noise = noisy_averages(originals.vectors, originals.layout, average_noise_scales, num_noise_models, seed=seed, mode=noise_mode)
     evaluator = NetworkEvaluator(
         task, originals.base_state, originals.layout, device=device, batch_size=batch_size,
         networks_per_chunk=networks_per_chunk, max_networks_per_pass=max_networks_per_pass,
