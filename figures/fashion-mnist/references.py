@@ -3,7 +3,8 @@
     python figures/fashion-mnist/references.py DATASET OUT [--wa-noise 1 1.5 2 2.5] [--gaussian 0.75 1 1.25 1.5]
 
 * weight average + noise: the originals' mean plus Gaussian noise of `scale` x each tensor's checkpoint spread
-  (the noise baseline's unit, centred on the weight average instead of on each original);
+  (the noise baseline's unit, centred on the weight average instead of on each original; every report now has
+  it as the `average + noise` rows, with the noise baseline's own draws rather than this script's);
 * Gaussian fit: samples of N(mean, T^2 * covariance of the originals), the covariance of rank K - 1.
 
 Each set (200 networks, seed 0) goes through `pdiff evaluate --noise-scales 1 1.5 2`, so its verdict reads the
