@@ -354,6 +354,9 @@ def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(repo
     assert made.val_gain_over_noise() == pytest.approx(0.83 - 0.84)  # halfway between T=2 (0.75: 0.80) and T=1 (0.85: 0.86)
     assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() is None  # the curve is never that novel
     assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() == pytest.approx(0.80 - 0.84)  # always more novel
+    around_average = dataclasses.replace(made, average_noise=[point("average_noise", 0.86, 0.80, 1.0), point("average_noise", 0.80, 0.60, 2.0)])
+    assert around_average.val_gain_over_noise("average_noise") == pytest.approx(0.83 - 0.86)  # its weakest scale, x1
+    assert dataclasses.replace(made, average_noise=[]).val_gain_over_noise("average_noise") is None and summary_metrics(around_average)["tradeoff/val_gain_over_average_noise"] == pytest.approx(-0.03)
 
 
 def test_the_summary_says_when_the_generated_networks_vary_less_than_the_originals(report):

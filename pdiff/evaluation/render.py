@@ -132,6 +132,7 @@ def summary_metrics(report: Report) -> dict[str, float]:
         out[f"temperature_{row.scale:g}/val_mean"], out[f"temperature_{row.scale:g}/test_mean"] = row.val.mean, row.test.mean
         out[f"temperature_{row.scale:g}/nearest_original_iou_mean"] = _mean(row.novelty.iou)
     out["tradeoff/val_gain_over_noise"] = report.val_gain_over_noise()  # validation only: a sweep metric
+    out["tradeoff/val_gain_over_average_noise"] = report.val_gain_over_noise("average_noise")
     similarity = {"original_original": report.originals.novelty, "generated_generated": report.generated_generated, "generated_original": report.generated.novelty}
     for name, novelty in similarity.items():
         if novelty is not None and novelty.iou is not None:

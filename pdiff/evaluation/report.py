@@ -261,20 +261,22 @@ class Report:
             points.append(self.generated)
         return sorted(points, key=lambda p: self.generated_temperature if p is self.generated else p.scale)
 
-    def val_gain_over_noise(self) -> float | None:
+    def val_gain_over_noise(self, kind: str = "noise") -> float | None:
         """Validation accuracy the generator gains over the weakest noise baseline at that baseline's novelty:
         its curve's mean validation accuracy, interpolated at the noise set's mean nearest-original IoU of
         validation errors, minus the noise set's. A trade-off a sweep can maximise without the test split.
         A curve that is more novel than the noise set everywhere is read at its least novel point (a
         comparison that can only flatter the noise); one that never gets as novel gives None, since
-        a generator that only copies must not score; so does a report without noise or curve."""
-        if not self.noise or not self.curve:
+        a generator that only copies must not score; so does a report without noise or curve.
+        `kind="average_noise"`: against the weight average plus noise's weakest scale instead."""
+        baseline = self.noise if kind == "noise" else self.average_noise
+        if not baseline or not self.curve:
             return None
 
         def val_novelty(row: NetworkSet) -> float:
             return float(np.nanmean(np.asarray(row.networks.get("nearest_original_val_iou", [math.nan]), dtype=float)))
 
-        noise = self.noise[0]
+        noise = baseline[0]
         points = sorted((val_novelty(p), p.val.mean) for p in self.curve_points())
         novelty, target = [x for x, _ in points], val_novelty(noise)
         if target > novelty[-1]:
