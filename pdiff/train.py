@@ -298,19 +298,25 @@ def _broadcast_best(accelerator: Accelerator, state: TrainingState) -> tuple[int
     return best[0], best[1]
 
 
+TEMPERATURE_RULE = ("the highest whose validation mean reaches the originals', else the most accurate; temperatures where most "
+                    "networks are near-duplicates (nearer to another than the originals' closest pair) only when every one is")
+
+
 def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: ParameterDataset, candidates, cfg, device, known=None) -> dict:
     """Make the generator's default temperature the most novel one that is, on validation, as accurate as the
-    originals on average (`most_novel_temperature`); what was measured goes into the report's `selected`."""
+    originals on average and has not collapsed onto a few networks (`most_novel_temperature`); what was
+    measured goes into the report's `selected`."""
     reference = float(torch.as_tensor(dataset.column("val_accuracy")).mean())
     closest_pair = float(nearest_other_l2(dataset.vectors).min())
     temperature, means, duplicates = select_temperature(pipe, task, candidates, reference, int(cfg.train.eval_num_models), int(cfg.seed), device, known, closest_pair)
     pipe.register_to_config(default_temperature=temperature)
     num_models = int(cfg.train.eval_num_models)
     logger.info(f"temperature {temperature:g} selected on validation: mean accuracy by temperature "
-                + ", ".join(f"{t:g}: {m:.4f} ({duplicates[t]} of {num_models} near-duplicates)" for t, m in means.items())
+                + ", ".join(f"{t:g}: {m:.4f} ({duplicates[t]} of {num_models} near-duplicates{': collapsed' if 2 * duplicates[t] > num_models else ''})"
+                            for t, m in means.items())
                 + f" (originals {reference:.4f}; near-duplicate: nearer to another sampled network than the originals' closest pair, L2 {closest_pair:.4g})",
                 main_process_only=True)
-    return {"temperature": temperature, "temperature_rule": "the highest whose validation mean reaches the originals'",
+    return {"temperature": temperature, "temperature_rule": TEMPERATURE_RULE,
             "temperature_val_means": {f"{t:g}": m for t, m in means.items()}, "originals_val_mean": reference,
             "temperature_near_duplicates": {f"{t:g}": n for t, n in duplicates.items()}, "originals_closest_pair_l2": closest_pair}
 

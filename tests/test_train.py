@@ -215,10 +215,12 @@ def test_end_to_end_generated_networks_are_as_accurate_as_the_originals(tmp_path
     chosen = report.selected
     means = {float(t): m for t, m in chosen["temperature_val_means"].items()}
     assert sorted(means) == [0.5, 0.75, 1.0, 1.25]
-    assert report.generated_temperature == chosen["temperature"] == most_novel_temperature(means, chosen["originals_val_mean"])
-    # Near-duplicates are counted per temperature against the originals' closest pair (reported, not part of the rule).
     duplicates = chosen["temperature_near_duplicates"]
-    assert sorted(map(float, duplicates)) == sorted(means) and all(0 <= n <= 100 for n in duplicates.values())
+    num_models = json.loads((tmp_path / "config.json").read_text())["train"]["eval_num_models"]
+    collapsed = {float(t) for t, n in duplicates.items() if 2 * n > num_models}
+    assert report.generated_temperature == chosen["temperature"] == most_novel_temperature(means, chosen["originals_val_mean"], collapsed)
+    # Near-duplicates are counted per temperature against the originals' closest pair.
+    assert sorted(map(float, duplicates)) == sorted(means) and all(0 <= n <= num_models for n in duplicates.values())
     assert chosen["originals_closest_pair_l2"] == pytest.approx(min(report.originals.networks["nearest_other_original_l2"]))
     assert json.loads((tmp_path / "generator" / "model_index.json").read_text())["default_temperature"] == chosen["temperature"]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["selected"] == chosen
@@ -231,6 +233,10 @@ def test_the_temperature_rule_takes_the_most_novel_that_reaches_the_originals():
     assert most_novel_temperature(means, reference=0.878) == 1.0
     assert most_novel_temperature(means, reference=0.879) == 0.75
     assert most_novel_temperature(means, reference=0.890) == 0.75  # none reaches it: the most accurate
+    # A collapsed temperature (most of its networks near-duplicates) is passed over while another is left.
+    assert most_novel_temperature(means, reference=0.878, collapsed={1.0}) == 0.75
+    assert most_novel_temperature(means, reference=0.879, collapsed={0.5, 0.75}) == 1.0  # none left reaches it: the most accurate left
+    assert most_novel_temperature(means, reference=0.879, collapsed=set(means)) == 0.75  # all collapsed: as if none were
 
 
 def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):

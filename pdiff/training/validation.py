@@ -44,12 +44,15 @@ def sample_for_validation(pipe: PDiffPipeline, num_models: int, seed: int, tempe
     return pipe(num_models=num_models, generator=torch.Generator().manual_seed(seed), temperature=temperature).params
 
 
-def most_novel_temperature(val_means: dict[float, float], reference: float) -> float:
+def most_novel_temperature(val_means: dict[float, float], reference: float, collapsed=frozenset()) -> float:
     """The highest temperature whose networks' validation mean reaches `reference` (the originals'): novelty
     grows with the temperature, so this is the most novel setting that gives nothing up on validation.
-    When none reaches it, the temperature with the best validation mean."""
-    reaching = [t for t, mean in val_means.items() if mean >= reference]
-    return max(reaching) if reaching else max(val_means, key=val_means.get)
+    When none reaches it, the temperature with the best validation mean. Temperatures in `collapsed` (most
+    of their networks near-duplicates) are passed over while any other is left: their novelty and accuracy
+    are those of a few networks drawn many times."""
+    eligible = {t: mean for t, mean in val_means.items() if t not in collapsed} or val_means
+    reaching = [t for t, mean in eligible.items() if mean >= reference]
+    return max(reaching) if reaching else max(eligible, key=eligible.get)
 
 
 def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: float, num_models: int, seed: int, device,
@@ -57,7 +60,8 @@ def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: f
     """`most_novel_temperature` among `candidates`, each scored on `num_models` fresh networks (validation only).
     `known`: validation means already measured on these very draws (`sample_for_validation`, same seed).
     Also, per temperature, how many of the networks are near-duplicates: nearer (L2) to another of them than
-    `closest_pair`, the originals' two closest checkpoints (counted, not yet part of the rule)."""
+    `closest_pair`, the originals' two closest checkpoints; a temperature where they are the majority has
+    collapsed, and the rule passes it over."""
     known = known or {}
     means, duplicates = {}, {}
     for t in sorted(set(candidates)):
@@ -65,7 +69,8 @@ def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: f
         means[t] = known[t] if t in known else float(validation_accuracy(task, pipe.target, vectors, device).mean())
         if closest_pair is not None:
             duplicates[t] = int((nearest_other_l2(vectors.cpu()) < closest_pair).sum())
-    return most_novel_temperature(means, reference), means, duplicates
+    collapsed = {t for t, n in duplicates.items() if 2 * n > num_models}
+    return most_novel_temperature(means, reference, collapsed), means, duplicates
 
 
 def validation_accuracy(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
