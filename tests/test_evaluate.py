@@ -352,10 +352,14 @@ def test_val_gain_over_noise_reads_the_curve_on_validation_at_equal_novelty(repo
     curve = [point("temperature", 0.90, 0.95, 0.5), point("temperature", 0.80, 0.75, 2.0)]
     made = dataclasses.replace(report, curve=curve, generated=point("generated", 0.86, 0.85), generated_temperature=1.0, noise=[point("noise", 0.84, 0.80, 1.0)])
     assert made.val_gain_over_noise() == pytest.approx(0.83 - 0.84)  # halfway between T=2 (0.75: 0.80) and T=1 (0.85: 0.86)
-    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() is None  # the curve is never that novel
-    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() == pytest.approx(0.80 - 0.84)  # always more novel
+    # A curve more novel than the noise everywhere (IoU 0.75-0.95 against 0.99) is read at its least novel point, T=0.5;
+    # one that never gets as novel as the noise (0.50) scores nothing: a generator that only copies must not score.
+    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.99, 1.0)]).val_gain_over_noise() == pytest.approx(0.90 - 0.84)
+    assert dataclasses.replace(made, noise=[point("noise", 0.84, 0.50, 1.0)]).val_gain_over_noise() is None
     around_average = dataclasses.replace(made, average_noise=[point("average_noise", 0.86, 0.80, 1.0), point("average_noise", 0.80, 0.60, 2.0)])
     assert around_average.val_gain_over_noise("average_noise") == pytest.approx(0.83 - 0.86)  # its weakest scale, x1
+    with pytest.raises(KeyError):
+        made.val_gain_over_noise("avg_noise")
     assert dataclasses.replace(made, average_noise=[]).val_gain_over_noise("average_noise") is None and summary_metrics(around_average)["tradeoff/val_gain_over_average_noise"] == pytest.approx(-0.03)
 
 
@@ -387,6 +391,17 @@ def test_the_summary_counts_generated_networks_nearer_to_each_other_than_any_two
     varied = made([0.5, 0.3], [0.05, 0.02])
     assert varied.twins().count == 0 and "nearer to another generated one" not in variety_text(varied)
     assert Report.from_dict(collapsed.to_dict()).twins() == collapsed.twins()  # from report.json's columns alone
+
+
+def test_a_network_with_nan_parameters_hides_no_other_networks_distances(originals, candidates):
+    """min/max propagate NaN: without care, one NaN network would blank every generated network's nearest-other
+    distance and so the near-duplicate count."""
+    generated = torch.cat([candidates[:4], candidates[:4]])  # four exact pairs: every network has a twin at L2 0
+    generated[7, 0] = math.nan
+    r = evaluate_generated(originals, generated, device="cpu", noise_scales=(), average_noise_scales=())
+    near = r.generated.networks["nearest_other_generated_l2"]
+    assert near[:7] == [0.0] * 3 + [near[3]] + [0.0] * 3 and near[3] > 0 and near[7] is None  # network 3 lost its twin, 7
+    assert r.twins() == Twins(6, 7, min(r.originals.networks["nearest_other_original_l2"]))
 
 
 def test_the_summary_says_where_the_novelty_comes_from(report):

@@ -239,6 +239,25 @@ def test_the_temperature_rule_takes_the_most_novel_that_reaches_the_originals():
     assert most_novel_temperature(means, reference=0.879, collapsed=set(means)) == 0.75  # all collapsed: as if none were
 
 
+def test_the_selection_counts_near_duplicates_in_each_draw_and_passes_over_collapsed_temperatures(monkeypatch):
+    """Cold draws that land on a few networks are the most accurate on validation, but their novelty is that of
+    a few networks: the selection counts each temperature's near-duplicates and passes such a temperature over."""
+    import types
+
+    import pdiff.training.validation as validation
+
+    spread = torch.arange(8.0)[:, None] * torch.ones(8, 3)  # 8 networks, 1.7 apart
+    draws = {0.5: torch.zeros(8, 3), 0.75: 1e-3 * spread, 1.0: spread}  # one network; 8 within 0.002 of each other; 8 distinct
+    accuracy = {id(draws[0.5]): 0.90, id(draws[0.75]): 0.89, id(draws[1.0]): 0.85}
+    monkeypatch.setattr(validation, "sample_for_validation", lambda pipe, num_models, seed, t: draws[t])
+    monkeypatch.setattr(validation, "validation_accuracy", lambda task, target, vectors, device: torch.full((len(vectors),), accuracy[id(vectors)]))
+    pipe = types.SimpleNamespace(target=None)
+    chosen, means, duplicates = validation.select_temperature(pipe, None, [1.0, 0.5, 0.75], 0.88, 8, 0, "cpu", closest_pair=0.5)
+    assert duplicates == {0.5: 8, 0.75: 8, 1.0: 0} and means == pytest.approx({0.5: 0.90, 0.75: 0.89, 1.0: 0.85})
+    assert chosen == 1.0  # 0.75 reaches the originals but collapsed; 1.0 does not reach them, yet is the only one left
+    assert validation.select_temperature(pipe, None, [0.5, 0.75, 1.0], 0.88, 8, 0, "cpu")[0] == 0.75  # no bar given: nothing collapses
+
+
 def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
     run_train(tmp_path / "ae", digits_params, "train.phase=autoencoder")
     saved = tmp_path / "ae" / "autoencoder"

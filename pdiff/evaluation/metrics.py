@@ -55,8 +55,8 @@ def l2_distances(a: torch.Tensor, b: torch.Tensor | None = None, *, chunk_size: 
 
 def nearest_other_l2(vectors: torch.Tensor) -> torch.Tensor:
     """Per vector [N, D], the L2 distance to the nearest other vector of the set -> [N] (inf for a lone vector)."""
-    distances = l2_distances(vectors)
-    distances.fill_diagonal_(float("inf"))
+    distances = l2_distances(vectors).nan_to_num(nan=math.inf)  # a NaN network is near nothing, and hides nothing
+    distances.fill_diagonal_(math.inf)
     return distances.min(1).values
 
 
@@ -65,13 +65,17 @@ def nearest(matrix: torch.Tensor, *, largest: bool, exclude_self: bool = False) 
 
     None when a set is compared with itself and has a single member: there is no other one to be near.
     """
+    if exclude_self and matrix.shape[1] < 2:
+        return None
+    # min/max propagate NaN: one network with NaN parameters would make every other row's nearest distance
+    # NaN. It is near nothing instead, and its own row (NaN throughout, its diagonal too) stays NaN.
+    undefined = matrix.isnan().all(1)
+    worst = -math.inf if largest else math.inf
+    matrix = matrix.nan_to_num(nan=worst)
     if exclude_self:
-        if matrix.shape[1] < 2:
-            return None
-        matrix = matrix.clone()
-        matrix.fill_diagonal_(-math.inf if largest else math.inf)
+        matrix.fill_diagonal_(worst)
     values, index = matrix.max(1) if largest else matrix.min(1)
-    return values, index
+    return values.masked_fill(undefined, math.nan), index
 
 
 def nearest_columns(iou: torch.Tensor, l2: torch.Tensor, other: str, exclude_self: bool = False) -> dict[str, list]:

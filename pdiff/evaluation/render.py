@@ -29,13 +29,14 @@ def _iou_l2(row: NetworkSet) -> tuple[float, float]:
 
 def format_summary(report: Report) -> str:
     """A compact table of the report for the terminal."""
-    header = f"{'':<28}{'n':>5}{'val mean':>10}{'val best':>10}{'test@val':>10}{'test mean':>10}{'test min':>10}{'test std':>10}{'near IoU':>10}{'near L2':>10}"
+    width = max(22, *(len(row.label) + 1 for row in report.rows()))  # "average + noise x0.5 (absolute)" is 31
+    header = f"{'':<{width}}{'n':>5}{'val mean':>10}{'val best':>10}{'test@val':>10}{'test mean':>10}{'test min':>10}{'test std':>10}{'near IoU':>10}{'near L2':>10}"
     lines = [f"task {report.task}: D={report.dim}, val {report.splits['val']}, test {report.splits['test']} examples", header]
     for row in report.rows():
         iou, l2 = _iou_l2(row)
         v, t = row.val, row.test
         lines.append(
-            f"{row.label:<28}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
+            f"{row.label:<{width}}{row.count:>5}{v.mean:>10.4f}{v.best:>10.4f}{row.best_on_val.test_accuracy:>10.4f}"
             f"{t.mean:>10.4f}{t.min:>10.4f}{t.std:>10.4f}{iou:>10.3f}{l2:>10.4g}"
         )
     lines.append(_near_line(report))

@@ -53,7 +53,7 @@ import torch
 from ..data import ParameterDataset
 from ..io import read_json, write_json
 from ..tasks import Task
-from .baselines import DEFAULT_AVERAGE_NOISE_SCALES, DEFAULT_NOISE_SCALES, noisy_averages, noisy_copies, weight_average
+from .baselines import DEFAULT_AVERAGE_NOISE_SCALES, DEFAULT_NOISE_SCALES, noise_sigmas, noisy_averages, noisy_copies, weight_average
 from .inputs import as_vectors
 from .metrics import SELECTION_RULE, accuracy_stats, l2_distances, nearest_columns, select_on_val, summary, wrong_set_iou
 from .scoring import SPLITS, NetworkEvaluator, Scores, Timing
@@ -269,7 +269,7 @@ class Report:
         comparison that can only flatter the noise); one that never gets as novel gives None, since
         a generator that only copies must not score; so does a report without noise or curve.
         `kind="average_noise"`: against the weight average plus noise's weakest scale instead."""
-        baseline = self.noise if kind == "noise" else self.average_noise
+        baseline = {"noise": self.noise, "average_noise": self.average_noise}[kind]
         if not baseline or not self.curve:
             return None
 
@@ -277,11 +277,11 @@ class Report:
             return float(np.nanmean(np.asarray(row.networks.get("nearest_original_val_iou", [math.nan]), dtype=float)))
 
         noise = baseline[0]
-        points = sorted((val_novelty(p), p.val.mean) for p in self.curve_points())
+        points = sorted((val_novelty(p), p.val.mean) for p in self.curve_points())  # IoU ascending: most novel first
         novelty, target = [x for x, _ in points], val_novelty(noise)
-        if target > novelty[-1]:
-            return None
-        return float(np.interp(target, novelty, [y for _, y in points])) - noise.val.mean
+        if target < novelty[0]:
+            return None  # the baseline is more novel than every point of the curve
+        return float(np.interp(target, novelty, [y for _, y in points])) - noise.val.mean  # beyond the curve: its least novel point
 
     def accurate_part(self) -> AccuratePart | None:
         """Where the generated set's novelty comes from. A hotter sample is more novel on average, but when its
@@ -307,8 +307,9 @@ class Report:
     def twins(self) -> Twins | None:
         """Near-duplicates among the generated networks. A generator that collapses onto a few modes samples
         networks far from every original yet nearly equal to each other; distance to the originals cannot show
-        that, nor can a mean over the set. The bar is the originals' own closest pair, so no radius is chosen.
-        None without both distances (a lone original or generated network)."""
+        that, nor can a mean over the set. The bar is the originals' own closest pair, so no radius is chosen
+        (two identical originals set it at 0: then nothing counts). None without both distances (a lone
+        original or generated network)."""
         generated = self.generated.networks.get("nearest_other_generated_l2")
         originals = self.originals.networks.get("nearest_other_original_l2")
         if not generated or not originals:
@@ -458,6 +459,7 @@ def evaluate_generated(
     average_noise = {}
     if average_noise_scales:
         average_noise = noisy_averages(originals.vectors, originals.layout, average_noise_scales, num_noise_models, seed=seed, mode=noise_mode)
+        sigmas = noise_sigmas(originals.vectors, originals.layout, noise_mode) if sigmas is None else sigmas  # the unit both baselines share
     evaluator = NetworkEvaluator(
         task, originals.base_state, originals.layout, device=device, batch_size=batch_size,
         networks_per_chunk=networks_per_chunk, max_networks_per_pass=max_networks_per_pass,

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # report.py imports this module: the type only, no import cyc
 BASELINE_NAMES = {"noise": ("noise", "noise"), "average_noise": ("the weight average plus noise", "average + noise")}  # (in the sentence, by scale)
 EQUAL_NOVELTY_TOLERANCE = 0.05  # mean-IoU gap up to which a noise scale counts as "equal novelty"
 VERDICT_RULE = (
-    "compare with the noise baseline at the generated set's mean nearest-original test-error IoU: the noise scales' "
+    "compare with the noise baseline (the originals plus noise, or the weight average plus noise) at the generated set's "
+    "mean nearest-original test-error IoU: the noise scales' "
     "mean test accuracy interpolated linearly in IoU between the two scales around it (outside them, the nearest scale); "
     "beats/loses when the mean test accuracies differ by at least max(1/N_test, 2 x the standard error of the "
     "difference of means, Welch; an interpolated baseline's error at its upper bound, since all scales share one draw), ties otherwise"
