@@ -53,7 +53,8 @@ from pdiff.tasks import Task
 from pdiff.training.checkpoints import load_checkpoint, register_ema_hooks, resume_point
 from pdiff.training.loop import TrainingRun, TrainingState
 from pdiff.training.losses import autoencoder_loss, diffusion_loss
-from pdiff.training.validation import accuracy_stats, build_pipeline, check_replicas_in_sync, reconstruction_logs, sample_for_validation, select_temperature, validation_accuracy
+from pdiff.training.validation import (accuracy_stats, build_pipeline, check_replicas_in_sync, is_collapsed, reconstruction_logs, sample_for_validation,
+                                      select_temperature, validation_accuracy)
 
 logger = get_logger(__name__)
 
@@ -312,7 +313,7 @@ def select_generator_temperature(pipe: PDiffPipeline, task: Task, dataset: Param
     pipe.register_to_config(default_temperature=temperature)
     num_models = int(cfg.train.eval_num_models)
     logger.info(f"temperature {temperature:g} selected on validation: mean accuracy by temperature "
-                + ", ".join(f"{t:g}: {m:.4f} ({duplicates[t]} of {num_models} near-duplicates{': collapsed' if 2 * duplicates[t] > num_models else ''})"
+                + ", ".join(f"{t:g}: {m:.4f} ({duplicates[t]} of {num_models} near-duplicates{': collapsed' if is_collapsed(duplicates[t], num_models) else ''})"
                             for t, m in means.items())
                 + f" (originals {reference:.4f}; near-duplicate: nearer to another sampled network than the originals' closest pair, L2 {closest_pair:.4g})",
                 main_process_only=True)

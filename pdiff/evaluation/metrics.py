@@ -54,10 +54,10 @@ def l2_distances(a: torch.Tensor, b: torch.Tensor | None = None, *, chunk_size: 
 
 
 def nearest_other_l2(vectors: torch.Tensor) -> torch.Tensor:
-    """Per vector [N, D], the L2 distance to the nearest other vector of the set -> [N] (inf for a lone vector)."""
-    distances = l2_distances(vectors).nan_to_num(nan=math.inf)  # a NaN network is near nothing, and hides nothing
-    distances.fill_diagonal_(math.inf)
-    return distances.min(1).values
+    """Per vector [N, D], the L2 distance to the nearest other vector of the set -> [N] (inf for a lone vector, NaN for
+    one holding NaN)."""
+    found = nearest(l2_distances(vectors), largest=False, exclude_self=True)
+    return torch.full((len(vectors),), math.inf, dtype=torch.float64) if found is None else found[0]
 
 
 def nearest(matrix: torch.Tensor, *, largest: bool, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:

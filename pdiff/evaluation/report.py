@@ -314,9 +314,9 @@ class Report:
         originals = self.originals.networks.get("nearest_other_original_l2")
         if not generated or not originals:
             return None
-        distances = np.asarray([math.nan if d is None else d for d in generated], dtype=float)
+        distances = np.asarray(generated, dtype=float)  # None (a non-finite network's, in a loaded report) -> NaN
         distances = distances[~np.isnan(distances)]  # non-finite networks are counted elsewhere
-        threshold = float(np.nanmin(np.asarray([math.nan if d is None else d for d in originals], dtype=float)))
+        threshold = float(np.nanmin(np.asarray(originals, dtype=float)))
         return Twins(int((distances < threshold).sum()), len(distances), threshold)
 
     def rows(self) -> Iterator[NetworkSet]:

@@ -69,8 +69,13 @@ def select_temperature(pipe: PDiffPipeline, task: Task, candidates, reference: f
         means[t] = known[t] if t in known else float(validation_accuracy(task, pipe.target, vectors, device).mean())
         if closest_pair is not None:
             duplicates[t] = int((nearest_other_l2(vectors.cpu()) < closest_pair).sum())
-    collapsed = {t for t, n in duplicates.items() if 2 * n > num_models}
+    collapsed = {t for t, n in duplicates.items() if is_collapsed(n, num_models)}
     return most_novel_temperature(means, reference, collapsed), means, duplicates
+
+
+def is_collapsed(near_duplicates: int, num_models: int) -> bool:
+    """Most of a draw's networks are near-duplicates: it holds a few networks, drawn many times."""
+    return 2 * near_duplicates > num_models
 
 
 def validation_accuracy(task: Task, target: TargetNetwork, vectors: torch.Tensor, device) -> torch.Tensor:
