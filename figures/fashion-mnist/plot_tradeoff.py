@@ -1,5 +1,5 @@
 """Draw tradeoff_large.png from tradeoff_large.json: every generator's accuracy-novelty curve against noise's,
-and two reference distributions' (references.py).
+and three reference distributions' (references.py).
 
     python figures/fashion-mnist/plot_tradeoff.py
 """
@@ -28,7 +28,7 @@ for i, (name, generator) in enumerate(data["generators"].items()):
 for eta, marker in (("0.5", "^"), ("1.0", "v")):
     pts = data["eta"][eta]
     ax.plot([p["nearest_iou"] for p in pts], [p["test_mean"] for p in pts], marker, color="black", ms=8, ls="none", label=f"seed 0 at DDIM eta {eta} (T 0.75, 1)")
-for (name, style), color in zip((("weight average + noise", "x-."), ("Gaussian fit", "d:")), ("black", "tab:purple")):
+for (name, style), color in zip((("weight average + noise", "x-."), ("Gaussian fit", "d:"), ("originals turned", "*-")), ("black", "tab:purple", "darkgoldenrod")):
     pts = [(label, p) for label, p in data["references"].items() if label.startswith(name)]  # written by references.py
     ax.plot([p["nearest_iou"] for _, p in pts], [p["test_mean"] for _, p in pts], style, color=color, lw=1.5, label=f"reference: {name} ({', '.join(l.split(name)[1].strip(' ,') for l, _ in pts)})")
 ax.plot(data["weight_average"]["nearest_iou"], data["weight_average"]["test_mean"], "k+", ms=16, mew=2, label="weight average")
