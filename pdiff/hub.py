@@ -146,7 +146,7 @@ def _evaluation_section(report: "Report | None") -> str:
             text += f"\n**Verdict:** {verdict.text}\n"
     variety = variety_text(report)
     if variety:
-        text += f"\n**Variety** (how alike the networks of each set are: IoU of test errors with the nearest other network of the set, then near-duplicates): {variety}.\n"
+        text += f"\n**Variety** (how alike the networks of each set are: IoU of test errors with the nearest other network of the set, then how many generated networks are near-duplicates): {variety}.\n"
     if report.selected:
         text += f"\nSelected generator: training step {report.selected.get('step')}, chosen on {report.selected.get('selected_on', 'validation')}"
         if "temperature" in report.selected:

@@ -43,6 +43,7 @@ from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
 from pdiff.evaluation.metrics import nearest_other_l2
+from pdiff.evaluation.render import format_summary
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
 from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCodec, TargetNetwork, TokenAutoencoder, UNet1DModel, autoencoder_from_config, build_unet
 from pdiff.pipelines import PDiffPipeline
@@ -57,6 +58,16 @@ from pdiff.training.validation import (accuracy_stats, build_pipeline, check_rep
                                       select_temperature, validation_accuracy)
 
 logger = get_logger(__name__)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """`pdiff train` and `accelerate launch pdiff/train.py`: train, then say on the main process what came out and where."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    report = main(argv)
+    if report is not None:
+        cfg = load_config(argv)
+        print(format_summary(report))
+        print(f"generator: {cfg.generator_dir}  report and plots: {cfg.output_dir}/report/")
 
 
 def main(argv: Sequence[str] | None = None) -> Report | None:
@@ -368,4 +379,4 @@ def save_generator(pipe: PDiffPipeline, path: Path, report: Report | None = None
 if __name__ == "__main__":  # `accelerate launch pdiff/train.py`: bad input is one line here too, not a traceback per rank
     from pdiff.commands import report_failures
 
-    sys.exit(report_failures("train", main))
+    sys.exit(report_failures("train", cli))

@@ -151,6 +151,8 @@ def test_the_readme_twice_in_one_folder(tmp_path, run_cli):
                 script = argv.index("pdiff/train.py")
                 cmd = [*accelerate, *argv[2:script], str(REPO / "pdiff" / "train.py"), *on_a_tiny_budget(argv[script + 1 :])]
                 proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+                # the summary that "Reading the report" reads, as `pdiff train` prints it
+                assert "verdict:" in proc.stdout and f"generator: {Path('outputs/digits/generator')}" in proc.stdout, proc.stdout[-3000:]
             assert proc.returncode == 0, f"{attempt} Quickstart, {' '.join(argv)}:\n{proc.stderr[-3000:]}"
         assert "verdict:" in proc.stdout and (out / "eval" / "report.json").exists()
 

@@ -12,13 +12,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..evaluation.render import format_summary
-    from ..train import main
+    from ..train import cli
 
-    report = main(args.overrides)
-    if report is not None:  # the main process: say what came out and where it went
-        from ..config import load_config
-
-        cfg = load_config(args.overrides)
-        print(format_summary(report))
-        print(f"generator: {cfg.generator_dir}  report and plots: {cfg.output_dir}/report/")
+    cli(args.overrides)

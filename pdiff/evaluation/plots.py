@@ -122,8 +122,8 @@ def _plot_tradeoff(ax, report: Report) -> None:
     def curve(rows: list[NetworkSet], names: list[str], **style) -> list[tuple[float, float]]:
         points = [mean_point(row) for row in rows]
         ax.plot(*zip(*points), **style)
-        for name, (x, y) in zip(names, points):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=style["color"])
+        for i, (name, (x, y)) in enumerate(zip(names, points)):  # above and below in turn: neighbouring points can coincide
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 == 0 else -10), fontsize=7, color=style["color"])
         return points
 
     generator = report.curve_points() if report.curve else [report.generated]

@@ -79,9 +79,9 @@ def variety_text(report: Report) -> str:
         if generated_iou > originals_iou:
             text += ": the generated networks vary less than the originals"
     twins = report.twins()
-    if twins and twins.count:
-        text += (f"; {twins.count} of {twins.total} generated networks are nearer to another generated one than the two "
-                 f"closest originals are to each other (L2 {twins.threshold:.4g})")
+    if twins:  # said when none are, too: a reader looking for collapse should not have to infer it from silence
+        count = f"{twins.count} of {twins.total} generated networks are" if twins.count else f"none of the {twins.total} generated networks is"
+        text += f"; {count} nearer to another generated one than the two closest originals are to each other (L2 {twins.threshold:.4g})"
     return text
 
 
