@@ -20,7 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = (REPO / "README.md").read_text().split("## Use your own model", 1)[1].split("\n## ", 1)[0]
-MODEL_CODE = re.search(r"```python\n(.*?)```", SECTION, flags=re.S).group(1)
+MODEL_CODE = re.search(r"```python\n(# my_model.py.*?)```", SECTION, flags=re.S).group(1)
+MAKE_IMAGES = re.search(r"```python\n(# make_images.py.*?)```", SECTION, flags=re.S).group(1)
 COMMANDS = re.search(r"```bash\n(.*?)```", SECTION, flags=re.S).group(1)
 
 
@@ -37,6 +38,16 @@ def make_images(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
                 pixels = rng.integers(0, 120, size=(16, 16, 3))
                 pixels[..., channel] += rng.integers(60, 135)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def test_the_readmes_image_script_writes_an_image_folder(tmp_path):
+    """The README's make_images.py, as written: scikit-learn's digits as images/{train,test}/<class>/*.png."""
+    (tmp_path / "make_images.py").write_text(MAKE_IMAGES)
+    proc = subprocess.run([sys.executable, "make_images.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = {split: len(list((tmp_path / "images" / split).glob("*/*.png"))) for split in ("train", "test")}
+    assert counts == {"train": 1437, "test": 360}
+    assert sorted(p.name for p in (tmp_path / "images" / "train").iterdir()) == [str(d) for d in range(10)]
 
 
 def _env(project: Path) -> dict[str, str]:
