@@ -45,7 +45,7 @@ from pdiff.data import ParameterDataset
 from pdiff.evaluation.scoring import score_columns
 from pdiff.io import check_output_dir, output_lock
 from pdiff.params import ParameterLayout, select_parameters
-from pdiff.runtime import ThreadPolicy, retain_freed_memory
+from pdiff.runtime import ThreadPolicy, check_memory, retain_freed_memory
 from pdiff.tasks import Task
 from pdiff.tasks.networks import import_network
 from pdiff.tasks.data import Split
@@ -205,6 +205,8 @@ def base_network(cfg: DictConfig, task: Task, accelerator: Accelerator) -> tuple
     net = task.build_network().to(accelerator.device)
     # A list or one pattern (`task.param.patterns=fc.*` arrives as a string). Fail on a bad one before training.
     layout = ParameterLayout.from_module(net, select_parameters(net, task.config["param"]["patterns"]))
+    k = int(cfg.task.param.k)
+    check_memory(k * layout.dim * 4 * 2, f"task.param.k={k} checkpoints of {layout.dim} parameters", "lower task.param.k")
     train_base_network(net, task, accelerator.device, seed=int(cfg.seed), show_progress=accelerator.is_main_process)
     # Every rank trained the same base network; broadcasting makes it bit-identical even where
     # accelerator kernels are not deterministic.

@@ -13,6 +13,7 @@ traceback minutes later.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -29,9 +30,10 @@ class ConfigError(ValueError):
     """A config key, value or override that pdiff cannot use."""
 
 
-def rule(*, ge: float | None = None, gt: float | None = None, lt: float | None = None, choices: Sequence[Any] | None = None, default: Any = dataclasses.MISSING):
-    """A schema field: its bounds (ge/gt/lt) and allowed values live in the field's metadata."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "choices": None if choices is None else tuple(choices)})
+def rule(*, ge: float | None = None, gt: float | None = None, lt: float | None = None, choices: Sequence[Any] | None = None, nonempty: bool = False,
+         default: Any = dataclasses.MISSING):
+    """A schema field: its bounds (ge/gt/lt), allowed values and whether a list may be empty live in the field's metadata."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "choices": None if choices is None else tuple(choices), "nonempty": nonempty})
 
 
 OPTIONAL = {"default": None}  # a key a YAML file may leave out
@@ -109,7 +111,7 @@ class AutoencoderSchema:
     input_noise: float = rule(ge=0)
     latent_noise: float = rule(ge=0)
     normalization: str = rule(choices=("residual", "tensor"))
-    channels: Optional[list[int]] = rule(**OPTIONAL)  # conv: encoder widths
+    channels: Optional[list[int]] = rule(ge=1, nonempty=True, **OPTIONAL)  # conv: encoder widths
     norm_groups: Optional[int] = rule(ge=1, **OPTIONAL)  # conv
     chunk_size: Optional[int] = rule(ge=1, **OPTIONAL)  # tokens: numbers per token
     hidden: Optional[int] = rule(ge=1, **OPTIONAL)  # tokens: MLP width
@@ -117,7 +119,7 @@ class AutoencoderSchema:
 
 @dataclass(kw_only=True)
 class UNetSchema:
-    block_out_channels: list[int] = rule()
+    block_out_channels: list[int] = rule(ge=1, nonempty=True)
     layers_per_block: int = rule(ge=1)
     norm_num_groups: int = rule(ge=1)
 
@@ -188,10 +190,10 @@ class Config:
     generator: GeneratorSchema = rule()
     train: TrainSchema = rule()
     hub: HubSchema = rule()
-    seed: int = rule(ge=0)
-    output_dir: str = rule()
-    dataset_dir: str = rule()
-    generator_dir: str = rule()
+    seed: int = rule(ge=0, lt=2**32)  # numpy's and torch's seeds are 32-bit
+    output_dir: str = rule(nonempty=True)
+    dataset_dir: str = rule(nonempty=True)
+    generator_dir: str = rule(nonempty=True)
     overwrite: bool = rule()
     cpu: bool = rule()
 
@@ -206,6 +208,11 @@ def validate(cfg: Any, schema: type = Config, prefix: str = "") -> None:
     if not isinstance(cfg, (dict, DictConfig)):
         raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping of keys to values")
     hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for name in cfg:  # `+key=...` adds keys Hydra's struct mode would refuse: the schema refuses them too
+        if name not in known:
+            where = f"under `{prefix.rstrip('.')}`" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key `{prefix}{name}`: {where} there is no `{name}`. Known keys {where}: {', '.join(sorted(known))}.")
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         if f.name not in cfg:
@@ -223,6 +230,10 @@ def _check_value(value: Any, tp: Any, meta: typing.Mapping, key: str) -> None:
         return
     if not _matches(value, tp):
         raise ConfigError(f"{key}={_show(value)}: expected {_describe(tp)}")
+    if meta.get("nonempty") and len(value) == 0:
+        raise ConfigError(f"{key} is empty: give a folder" if isinstance(value, str) else f"{key}=[]: give at least one value")
+    if any(isinstance(number, float) and not math.isfinite(number) for number in _numbers(value)):
+        raise ConfigError(f"{key}={_show(value)}: must be a finite number")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={_show(value)}: choose one of {', '.join(_show(c) for c in choices)}")
@@ -230,7 +241,8 @@ def _check_value(value: Any, tp: Any, meta: typing.Mapping, key: str) -> None:
     for bound, ok, sign in bounds:
         for number in _numbers(value):
             if bound is not None and not ok(number, bound):
-                raise ConfigError(f"{key}={_show(value)}: must be {sign} {bound:g}" + (" each" if number is not value else ""))
+                shown = bound if isinstance(bound, int) else f"{bound:g}"
+                raise ConfigError(f"{key}={_show(value)}: must be {sign} {shown}" + (" each" if number is not value else ""))
 
 
 def _numbers(value: Any) -> list:
@@ -307,8 +319,20 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config", conf
         raise ConfigError(f"these config values must be set: {', '.join(missing)} (e.g. `{missing[0]}=...`)")
     if config_name == "config":
         validate(cfg)
+        check_combinations(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def check_combinations(cfg: DictConfig) -> None:
+    """Rules between keys that each pass the schema alone."""
+    schedule, generator = cfg.generator.scheduler, cfg.generator
+    if schedule.beta_start >= schedule.beta_end:
+        raise ConfigError(f"generator.scheduler.beta_start={schedule.beta_start} must be below generator.scheduler.beta_end={schedule.beta_end}: "
+                          "the noise grows along the chain")
+    if generator.num_inference_steps > schedule.num_train_timesteps:
+        raise ConfigError(f"generator.num_inference_steps={generator.num_inference_steps}: at most generator.scheduler.num_train_timesteps="
+                          f"{schedule.num_train_timesteps}, the steps the denoiser is trained on")
 
 
 def task_of_dataset(stored: dict, overrides: Sequence[str], source: str) -> dict:

@@ -41,6 +41,8 @@ def download(repo_id: str, *, repo_type: str, allow_patterns: list[str], revisio
     except HFValidationError as err:
         raise FileNotFoundError(f"{repo_id!r} is neither an existing {what} folder nor a valid Hub repo id (<user>/<name>)") from err
     where = f"the {what} repo {repo_id!r} (revision {revision or 'main'})"
+    if Path(repo_id).parent.is_dir():  # `out/none` beside a local `out/`: most likely a mistyped folder, so say that first
+        where = f"there is no {what} folder at {repo_id}, and {where}"
     offline = constants.is_offline_mode() or bool(hub_kwargs.get("local_files_only"))
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns, **hub_kwargs))
@@ -57,7 +59,9 @@ def download(repo_id: str, *, repo_type: str, allow_patterns: list[str], revisio
                 f"offline mode is on (HF_HUB_OFFLINE=1{' / local_files_only=True' if hub_kwargs.get('local_files_only') else ''}): "
                 "download it once online, or pass a local folder"
             ) from err
-        raise FileNotFoundError(f"{where} could not be downloaded from {constants.ENDPOINT} and is not in the cache: {err}") from err
+        reason = " ".join(str(err).split())  # huggingface_hub's text is long and repeats itself
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        raise FileNotFoundError(f"{where} could not be downloaded from {constants.ENDPOINT} and is not in the cache ({reason})") from err
     except HfHubHTTPError as err:
         raise FileNotFoundError(f"{where} could not be downloaded from {constants.ENDPOINT}: {err}") from err
 

@@ -40,6 +40,14 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "outp
     check_writable(path.parent if not path.exists() else path)
 
 
+def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], flag: str = "--out") -> None:
+    """Refuse an output that is one of the run's inputs or holds one: replacing it would delete what the run reads."""
+    target = Path(out).resolve()
+    for name, value in inputs.items():
+        if value and Path(value).exists() and (Path(value).resolve() == target or target in Path(value).resolve().parents):
+            raise ValueError(f"{flag} {out} would replace {name} {value}, which this run reads; choose another {flag}")
+
+
 def nearest_existing(path: str | os.PathLike) -> Path:
     """`path`, or the closest of its parents that exists: where a new output would be created."""
     path = Path(path).absolute()
@@ -51,6 +59,8 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, naming the folder, if nothing can be written under `path` (or its nearest existing parent)."""
     path = nearest_existing(path)
+    if not path.is_dir():
+        raise OutputError(errno.ENOTDIR, f"{path} is a file, not a folder: choose an output folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(errno.EACCES, f"{path} is not writable: choose an output folder you can write to")
 
@@ -78,6 +88,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     try:
         with friendly_os_errors(path):
             yield tmp
+            if not overwrite and path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
+                # another run finished it while this one worked: keep theirs, say so (only --overwrite replaces)
+                raise OutputError(errno.EEXIST, f"{path} was written by another run meanwhile; nothing replaced it. Choose another output folder")
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 path.rename(old)
@@ -155,6 +168,7 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """
     folder = Path(folder)
     check_writable(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
@@ -175,6 +189,9 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     finally:
         if (_read_lock(lock) or {}).get("pid") == owner["pid"]:
             lock.unlink(missing_ok=True)
+        if created:  # a run that stopped before writing leaves no empty folder under the output name
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _read_lock(lock: Path) -> dict | None:

@@ -45,6 +45,13 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse now, with the numbers, parameter vectors that cannot fit in this machine's memory (they gather on the CPU)."""
+    free = free_memory(torch.device("cpu"))
+    if nbytes > 0.8 * free:
+        raise ValueError(f"{what} need {nbytes / 1e9:.3g} GB and {free / 1e9:.3g} GB of memory are free here; {fix}")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast is fast here: CUDA GPUs with bf16 units, CPUs with AVX512-BF16 or AMX. Elsewhere
     bf16 is emulated and slower than float32. (On the 2-core AVX512-BF16 machine of the README it made the

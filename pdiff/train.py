@@ -42,6 +42,7 @@ from omegaconf import DictConfig, open_dict
 from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
+from pdiff.evaluation.report import check_report_fits, noise_counts
 from pdiff.evaluation.metrics import nearest_other_l2
 from pdiff.evaluation.render import format_summary
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
@@ -156,6 +157,9 @@ def check_environment(cfg: DictConfig) -> None:
         raise ConfigError("train.phase=diffusion needs train.autoencoder_path=<folder of a saved autoencoder>")
     if t.autoencoder_path and not Path(t.autoencoder_path).is_dir():
         raise ConfigError(f"train.autoencoder_path={t.autoencoder_path}: no such folder (it holds config.json and the safetensors of a saved autoencoder)")
+    if t.autoencoder_path and not (Path(t.autoencoder_path) / "config.json").is_file():
+        raise ConfigError(f"train.autoencoder_path={t.autoencoder_path} holds no saved autoencoder (config.json is missing): "
+                          "give a training run's autoencoder/ folder")
     if cfg.hub.push_to_hub and not cfg.hub.model_id:
         raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
 
@@ -200,7 +204,17 @@ def load_parameter_dataset(cfg: DictConfig, overrides: Sequence[str]) -> tuple[P
         cfg.task = task_config
     task = Task(task_config)
     dataset.check_task(task)  # layout vs network
+    check_final_report_fits(cfg, dataset.dim)
     return dataset, task
+
+
+def check_final_report_fits(cfg: DictConfig, dim: int) -> None:
+    """Refuse before training a final report (its samples, curve and noise baselines) that cannot fit in memory."""
+    t = cfg.train
+    generated = int(t.num_final_models) + int(t.curve_num_models) * len(t.curve_temperatures)
+    check_report_fits(dim, generated, *noise_counts(cfg.task.eval, int(t.num_final_models)),
+                      f"train.num_final_models={t.num_final_models}: the final report's networks of {dim} parameters",
+                      "lower train.num_final_models (or set task.eval.num_noise_models)")
 
 
 def build_autoencoder(cfg: DictConfig, dataset: ParameterDataset) -> ParameterCodec:

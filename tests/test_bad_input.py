@@ -77,6 +77,17 @@ CONFIG_CASES = [
     ("config +task.eval.average_noise_scales=[1,-1]", "task.eval.average_noise_scales=[1, -1]: must be >= 0 each"),
     ("config +task.eval.noise_scales=[-2]", "task.eval.noise_scales=[-2]: must be >= 0 each"),
     ("bench task.param.k=abc --device cpu", "task.param.k=abc: expected an integer"),
+    ("train generator.unet.block_out_channels=[]", "generator.unet.block_out_channels=[]: give at least one value"),
+    ("train generator.autoencoder.channels=[]", "generator.autoencoder.channels=[]: give at least one value"),
+    ("train train.ae_lr=inf", "train.ae_lr=inf: must be a finite number"),
+    ("collect seed=99999999999999999999", "seed=99999999999999999999: must be < 4294967296"),
+    ("config +train.ae_stepz=10", "unknown config key `train.ae_stepz`: under `train` there is no `ae_stepz`"),
+    ("train generator.scheduler.beta_start=0.5 generator.scheduler.beta_end=0.1", "beta_start=0.5 must be below generator.scheduler.beta_end=0.1"),
+    ("train generator.num_inference_steps=5000", "generator.num_inference_steps=5000: at most generator.scheduler.num_train_timesteps=1000"),
+    ("collect output_dir=", "output_dir is empty: give a folder"),
+    ("train train.autoencoder_path={tmp}/empty", "train.autoencoder_path={tmp}/empty holds no saved autoencoder (config.json is missing)"),
+    ("collect task.param.k=100000000 output_dir={tmp}/c", "task.param.k=100000000 checkpoints of 778 parameters need 622 GB"),
+    ("run task.param.k=1 output_dir={tmp}/r", "task.param.k=1: a generator needs at least 2 checkpoints"),
 ]
 
 FILE_CASES = [
@@ -112,6 +123,14 @@ FILE_CASES = [
     ("sweep {tmp}/bad_method.yaml", "method 'annealing' is not one of grid, random, bayes"),
     ("sweep configs/sweeps/noise_grid.yaml train.ae_steps=3", "overrides apply to --local sweeps only"),
     ("bench --device bogus", "--device bogus: not a device"),
+    ("sample --model {data} --out {data} --overwrite", "--out {data} would replace --model {data}, which this run reads"),
+    ("sample --model {tmp}/none --dataset {data} --out {tmp}/s", "--dataset is read by --evaluate only"),
+    ("evaluate --dataset {data} --generated {data} --out {tmp}/e --curve-num-models 5", "shape the curve of --curve-model: add --curve-model"),
+    ("evaluate --dataset {data} --generated {data} --out {tmp}/e --num-noise-models 100000000", "(100000000 per noise scale) need"),
+    ("bench --dataset {data}", "--dataset goes with --model"),
+    ("bench --workdir {tmp}/file.txt", "{tmp}/file.txt is a file, not a folder"),
+    ("import-checkpoints --from {tmp}/empty task=digits output_dir={tmp}/imp", "--from {tmp}/empty is a folder; pass its checkpoint files"),
+    ("train cpu=true dataset_dir={tmp}/no_version output_dir={tmp}/out", "pdiff_dataset.json is damaged: it holds no format_version"),
 ]
 
 PARSER_CASES = [  # refused by argparse itself: exit 2 and a usage line
@@ -126,6 +145,7 @@ PARSER_CASES = [  # refused by argparse itself: exit 2 and a usage line
     ("bench --steps -1", "--steps: -1 is not a positive integer"),
     ("sample --model m --out o key=value", "unrecognized arguments: key=value"),
     ("collect --no-such-flag", "unrecognized arguments: --no-such-flag"),
+    ("sweep configs/sweeps/noise_grid.yaml --local --count 0", "--count: 0 is not a positive integer"),
 ]
 
 
@@ -138,6 +158,8 @@ def scratch(tmp_path_factory, digits_params) -> dict[str, Path]:
     data = Path(shutil.copytree(digits_params, tmp / "data"))
     (tmp / "file.txt").write_text("not a folder")
     (tmp / "empty").mkdir()
+    shutil.copytree(data, tmp / "no_version")
+    (tmp / "no_version" / "pdiff_dataset.json").write_text("{}")
     shutil.copytree(data, tmp / "bad_json")
     (tmp / "bad_json" / "pdiff_dataset.json").write_text("{not json")
     original = ParameterDataset.from_pretrained(data)
@@ -209,6 +231,38 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_at_once(tmp_path, digi
         assert proc.returncode == 2 and f"{out} is in use by another run (pdiff train, pid {os.getpid()}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and not (out / "metrics.jsonl").exists()
     assert not (out / LOCK_FILE).exists()  # released
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_a_second_sample_or_report_into_a_busy_out_is_refused_at_once(command, tmp_path, digits_params):
+    """`pdiff sample` / `pdiff evaluate` hold their --out's lock too: two runs never write one folder."""
+    out = tmp_path / "out"
+    argv = {"sample": ["--model", str(tmp_path / "none")], "evaluate": ["--dataset", str(digits_params), "--generated", str(digits_params)]}[command]
+    with output_lock(out, command):
+        proc = subprocess.run([sys.executable, "-m", "pdiff", command, *argv, "--out", str(out)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 2 and f"{out} is in use by another run (pdiff {command}, pid {os.getpid()}" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+def test_a_folder_finished_by_another_run_meanwhile_is_not_replaced(tmp_path):
+    from pdiff.io import OutputError, atomic_directory
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="was written by another run meanwhile"):
+        with atomic_directory(out) as tmp:
+            (tmp / "mine").write_text("second")
+            out.mkdir()
+            (out / "theirs").write_text("first")  # the other run renamed its result into place first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["theirs"]
+
+
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with output_lock(out, "sample"):
+            raise RuntimeError("stopped before writing")
+    assert not out.exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):

@@ -103,3 +103,17 @@ def test_cli_writes_a_dataset_and_nothing_on_error(run_cli, checkpoint_dir, tmp_
     bad = tmp_path / "bad"
     proc = run_cli("import-checkpoints", "--from", str(tmp_path / "none-*.pt"), "task=digits", f"output_dir={bad}")
     assert proc.returncode == 2 and "no checkpoint file" in proc.stderr and not (bad / "params").exists()
+
+
+def test_checkpoints_at_chance_on_the_named_task_get_a_note(originals, capsys):
+    """Checkpoints of another task score at chance on the one named: imported, with a note that says so."""
+    from pdiff.commands.import_checkpoints import warn_at_chance
+
+    warn_at_chance(originals, "digits")
+    assert capsys.readouterr().err == ""
+    columns = {c: originals.column(c).tolist() for c in originals.rows.column_names if c != "params"}
+    columns["val_accuracy"] = [0.1] * len(originals)
+    at_chance = ParameterDataset.from_vectors(originals.vectors, columns, originals.layout, originals.task_config, originals.base_state,
+                                              {**originals.info, "num_classes": 10})
+    warn_at_chance(at_chance, "fashion_mnist")
+    assert "note: the checkpoints score 0.100 on task fashion_mnist's validation split, about chance (0.10)" in capsys.readouterr().err

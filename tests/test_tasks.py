@@ -180,3 +180,36 @@ def test_any_importable_network_by_target():
     assert type(net).__name__ == "ResNet" and net.fc.out_features == 7
     net = build_network({"_target_": "pdiff.tasks.networks.SmallCNN", "widths": [4, 8, 8]}, in_channels=1, num_classes=3)
     assert net.fc.in_features == 8 and net.conv1.in_channels == 1
+
+
+def test_a_users_network_that_fails_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    """Import-time failures, a missing dependency, a misspelt argument and a failing constructor: each a
+    NetworkImportError (one line on the CLI) that names task.network and what to fix, never the user's traceback."""
+    from pdiff.tasks.networks import NetworkImportError
+
+    (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "bad_syntax.py").write_text("def f(\n")
+    (tmp_path / "needs_a_dependency.py").write_text("import not_installed_anywhere\n")
+    (tmp_path / "tiny.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, in_channels, num_classes, hidden=4):\n"
+        "        super().__init__()\n"
+        "        if hidden < 1:\n"
+        "            raise ValueError('hidden must be positive')\n"
+        "        self.fc = nn.Linear(in_channels, num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {
+        "raises_at_import.Net": "importing task.network._target_=raises_at_import.Net failed in the module's own code: RuntimeError: boom",
+        "bad_syntax.Net": "failed in the module's own code: SyntaxError",
+        "needs_a_dependency.Net": "needs_a_dependency imports 'not_installed_anywhere', which is not installed here",
+    }
+    for target, message in cases.items():
+        with pytest.raises(NetworkImportError, match=message):
+            build_network({"_target_": target}, in_channels=1, num_classes=2)
+    with pytest.raises(NetworkImportError, match="task.network.hiden=8: tiny.Net takes no argument 'hiden'; it takes hidden, in_channels, num_classes"):
+        build_network({"_target_": "tiny.Net", "hiden": 8}, in_channels=1, num_classes=2)
+    with pytest.raises(NetworkImportError, match=r"building task.network._target_=tiny.Net\(in_channels=1, num_classes=2, hidden=0\) failed: ValueError"):
+        build_network({"_target_": "tiny.Net", "hidden": 0}, in_channels=1, num_classes=2)
+    assert build_network({"_target_": "tiny.Net", "hidden": 2}, in_channels=1, num_classes=2).fc.out_features == 2

@@ -17,6 +17,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_empty_path(text: str) -> str:
+    """An argparse type: a path that is not empty ('' would mean the current folder, silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder name")
+    return text
+
+
 def _number(text: str) -> float:
     try:
         return float(text)

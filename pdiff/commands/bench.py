@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import add_overrides, positive_int
+from .arguments import add_overrides, non_empty_path, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,13 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-models", type=positive_int, default=200, help="networks to sample and evaluate")
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the generator's own); DDPM always runs every training step")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", type=non_empty_path, default=None, help="also write the JSON here")
     p.add_argument("--reference", type=positive_int, default=None, metavar="N", help="also time the original procedure (batch-1 DDPM chains, one-by-one scoring) on N networks, scaled to --num-models")
     p.add_argument("--concurrent", type=positive_int, default=None, metavar="N", help="measure training alone, then N trainings at once (threads policy under contention)")
     p.add_argument("--memory-by-dim", type=positive_int, nargs="+", default=None, metavar="D",
                    help="peak memory and s/step of one autoencoder and one diffusion step at each D, conv vs token autoencoder (synthetic vectors)")
     p.add_argument("--batch", type=positive_int, default=50, help="with --memory-by-dim: the training batch (default 50, the paper's)")
-    p.add_argument("--workdir", default=None, help="keep the run's dataset and generator here (default: a temporary folder)")
+    p.add_argument("--workdir", type=non_empty_path, default=None, help="keep the run's dataset and generator here (default: a temporary folder)")
     add_overrides(p)
 
 
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> dict:
     from ..benchmark import run_benchmark
     from ..io import write_text
 
+    if args.dataset and not args.model:
+        raise ValueError("--dataset goes with --model (the generator to measure against it): add --model, or drop --dataset")
     result = run_benchmark(args.task, args.overrides, model=args.model, dataset=args.dataset, device=args.device,
                            num_models=args.num_models, steps=args.steps, workdir=args.workdir, concurrent=args.concurrent, reference=args.reference,
                            memory_dims=args.memory_by_dim, batch=args.batch)

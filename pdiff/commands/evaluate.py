@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import add_trust_flag, non_negative_float, positive_float, positive_int
+from .arguments import add_trust_flag, non_empty_path, non_negative_float, positive_float, positive_int
 
 CURVE_TEMPERATURES = (0.5, 0.75, 1.0, 1.25)
 
@@ -22,7 +22,7 @@ CURVE_TEMPERATURES = (0.5, 0.75, 1.0, 1.25)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="the original parameter dataset: folder or Hub dataset id")
     p.add_argument("--generated", required=True, help="generated parameters: a parameter dataset, a `pdiff sample` folder, or a .pt/.safetensors/.npy [N, D] tensor")
-    p.add_argument("--out", required=True, help="folder for report.json and the PNG plots")
+    p.add_argument("--out", type=non_empty_path, required=True, help="folder for report.json and the PNG plots")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
     p.add_argument("--noise-scales", type=non_negative_float, nargs="*", default=None, help="noise baseline scales (default: the task's eval.noise_scales, else 1 2 4 8 16 32; none given: no noise baseline)")
     p.add_argument("--average-noise-scales", type=non_negative_float, nargs="*", default=None,
@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
     p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
     p.add_argument("--curve-model", default=None, help="a generator (folder or Hub id) whose accuracy-novelty curve to add: sampled at each --curve-temperatures")
-    p.add_argument("--curve-temperatures", type=positive_float, nargs="+", default=list(CURVE_TEMPERATURES), help="sampling temperatures of the curve (default 0.5 0.75 1 1.25)")
-    p.add_argument("--curve-num-models", type=positive_int, default=50, help="networks per curve point")
+    p.add_argument("--curve-temperatures", type=positive_float, nargs="+", default=None, help="with --curve-model: sampling temperatures of the curve (default 0.5 0.75 1 1.25)")
+    p.add_argument("--curve-num-models", type=positive_int, default=None, help="with --curve-model: networks per curve point (default 50)")
     p.add_argument("--generated-temperature", type=positive_float, default=None,
                    help="the temperature --generated was sampled at, to place it on the curve (default: what `pdiff sample --format dataset` recorded)")
     p.add_argument("--no-plots", action="store_true", help="write only report.json")
@@ -43,20 +43,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import sys
-
-    from ..data import ParameterDataset
-    from ..evaluation import REPORT_FILE, evaluate_and_write, load_generated
-    from ..evaluation.render import format_summary
-    from ..io import check_writable
-    from ..runtime import resolve_device
+    from ..evaluation import REPORT_FILE
+    from ..io import check_writable, output_lock
 
     out = Path(args.out)
+    if not args.curve_model and (args.curve_temperatures or args.curve_num_models):
+        raise ValueError("--curve-temperatures and --curve-num-models shape the curve of --curve-model: add --curve-model GENERATOR, or drop them")
+    args.curve_temperatures, args.curve_num_models = args.curve_temperatures or list(CURVE_TEMPERATURES), args.curve_num_models or 50
     if (out / REPORT_FILE).exists() and not args.overwrite:
         raise FileExistsError(f"{out / REPORT_FILE} already exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder for report.json and the plots")
     check_writable(out)
+    with output_lock(out, "evaluate"):  # a second report into the same --out stops at once
+        report_into(args, out)
+
+
+def report_into(args: argparse.Namespace, out: Path) -> None:
+    import sys
+
+    from ..data import ParameterDataset
+    from ..evaluation import evaluate_and_write, load_generated
+    from ..evaluation.render import format_summary
+    from ..runtime import resolve_device
+
     device = resolve_device(args.device)
     originals = ParameterDataset.from_pretrained(args.dataset, trust_network_code=args.trust_network_code)
     generated = load_generated(args.generated, originals)
@@ -73,6 +83,8 @@ def run(args: argparse.Namespace) -> None:
     )
     print(format_summary(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if Path(args.generated).resolve() == Path(args.dataset).resolve():
+        print("note: --generated is --dataset itself: the report compares the originals with themselves (nearest IoU 1.000)", file=sys.stderr)
 
 
 def curve_samples(args: argparse.Namespace, originals, device, eta: float) -> dict:

@@ -40,3 +40,17 @@ def run(args: argparse.Namespace) -> None:
         dataset = import_checkpoints(sources, to_dict(cfg.task), base=args.base, revision=args.revision, score=not args.no_eval)
         dataset.save_to_disk(cfg.dataset_dir, overwrite=bool(cfg.overwrite))
     print(f"saved {cfg.dataset_dir}\n{summarize(dataset).replace('collected in', 'imported in')}")
+    warn_at_chance(dataset, cfg.task.name)
+
+
+def warn_at_chance(dataset, task_name: str) -> None:
+    """Checkpoints scoring at chance were most likely trained for another task than the one named: say so."""
+    import sys
+
+    if "val_accuracy" not in dataset.rows.column_names:  # --no-eval
+        return
+    chance = 1 / int(dataset.info.get("num_classes") or 2)
+    mean = float(dataset.column("val_accuracy").mean())
+    if mean < 1.5 * chance:
+        print(f"note: the checkpoints score {mean:.3f} on task {task_name}'s validation split, about chance ({chance:.2f}): "
+              "were they trained for this task (task=...)?", file=sys.stderr)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import add_trust_flag, positive_float, positive_int, unit_interval
+from .arguments import add_trust_flag, non_empty_path, positive_float, positive_int, unit_interval
 
 if TYPE_CHECKING:
     from ..data import ParameterDataset
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a generator: folder or Hub repo id")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--num-models", type=positive_int, default=100, help="networks to generate (denoised together, in chains of up to 1,024)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=non_empty_path, required=True, help="output folder")
     p.add_argument("--format", choices=("safetensors", "dataset"), default="safetensors", help="one safetensors state dict per network, or a parameter dataset like `pdiff collect` writes")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the steps the generator was validated with)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
@@ -44,18 +44,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..io import check_output_dir
-    from ..sampling import check_sample_fits, generated_dataset, load_generator, sample_networks, task_of, write_networks
+    from ..io import check_apart, check_output_dir, output_lock
 
     out = Path(args.out)
+    if args.dataset and not args.evaluate:
+        raise ValueError("--dataset is read by --evaluate only: add --evaluate for the full report, or drop --dataset")
     if args.eta and args.sampler == "ddpm":
         raise ValueError("--eta applies to the DDIM sampler: drop --eta, or use --sampler ddim")
+    check_apart(out, {"--model": args.model, "--dataset": args.dataset})
     check_output_dir(out, args.overwrite, "sample", flag="--overwrite", elsewhere="--out")  # refuse before any work
     report_dir = out.with_name(out.name + "-report")
     if args.evaluate and args.dataset:
+        check_apart(report_dir, {"--model": args.model, "--dataset": args.dataset}, flag="the report folder")
         check_output_dir(report_dir, args.overwrite, "report", flag="--overwrite", elsewhere="--out")
+    with output_lock(out, "sample"):  # a second run into the same --out stops at once
+        sample(args, out, report_dir)
+
+
+def sample(args: argparse.Namespace, out: Path, report_dir: Path) -> None:
+    from ..sampling import check_sample_fits, generated_dataset, load_generator, sample_networks, task_of, write_networks
+
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
+    timesteps = pipe.scheduler.config.num_train_timesteps
+    if args.steps is not None and args.steps > timesteps:
+        raise ValueError(f"--steps {args.steps}: use 1 to {timesteps}, the timesteps this generator was trained on")
     originals = against_originals(pipe, args.dataset, args.trust_network_code) if args.evaluate and args.dataset else None
     check_sample_fits(pipe, args.num_models, out, per_network_files=args.format == "safetensors")
     if args.temperature is None:

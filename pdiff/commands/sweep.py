@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..sweeps.files import DEFAULT_METRICS_FILE
-from .arguments import add_overrides
+from .arguments import add_overrides, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_file", help="a W&B sweep config, e.g. configs/sweeps/generator_bayes.yaml")
     p.add_argument("--local", action="store_true", help="run trials here with the `sweeps` engine (no W&B server)")
-    p.add_argument("--count", type=int, default=None, help="trials to run (default: a grid's every point)")
+    p.add_argument("--count", type=positive_int, default=None, help="trials to run (default: a grid's every point)")
     p.add_argument("--dry-run", action="store_true", help="print the trials' commands without running them")
     p.add_argument("--state", default=None, help="local sweep state file (default outputs/sweeps/local/<name>.json)")
     p.add_argument("--metrics-file", default=DEFAULT_METRICS_FILE, help="a trial's JSON report; {key} = its config's top-level keys")

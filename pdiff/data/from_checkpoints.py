@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -51,6 +52,8 @@ def checkpoint_files(sources: Sequence[str], revision: str | None = None) -> lis
             files += matched
         elif Path(source).expanduser().is_file():
             files.append(Path(source).expanduser())
+        elif Path(source).expanduser().is_dir():  # a folder is not a checkpoint: say how to take the files in it
+            raise CheckpointError(f"--from {source} is a folder; pass its checkpoint files, e.g. --from '{source.rstrip('/')}/*.safetensors'")
         else:
             files.append(_hub_checkpoint(source, revision))
     return files
@@ -77,7 +80,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint format; use {', '.join(SUFFIXES)}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: the error below says it all
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses anything that would import or call code
         raise CheckpointError(f"{path}: refused: loading it would need to unpickle code ({str(err).splitlines()[0][:160]}). "
                               "Only plain tensors are read; re-save the state dict with safetensors.torch.save_file") from None

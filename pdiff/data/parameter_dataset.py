@@ -186,6 +186,8 @@ class ParameterDataset:
                 f"{folder} is not a pdiff parameter dataset: {METADATA_FILE} is missing. Create one with `pdiff collect`."
             )
         meta = read_json(meta_path)
+        if not isinstance(meta, dict) or "format_version" not in meta:
+            raise InvalidParameterDatasetError(f"{meta_path} is damaged: it holds no format_version (pdiff writes one); collect or import the dataset again")
         if meta.get("format_version") != FORMAT_VERSION:
             raise InvalidParameterDatasetError(f"{folder}: format version {meta.get('format_version')} is not {FORMAT_VERSION}; upgrade pdiff")
         rows = _load_rows(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,9 @@ def _tensor_file(p: Path) -> torch.Tensor:
             if len(tensors) != 1:
                 raise ValueError(f"{p} holds {len(tensors)} tensors ({sorted(tensors)}); expected one [N, D] tensor")
             return next(iter(tensors.values()))
-        vectors = torch.load(p, map_location="cpu", weights_only=True)  # weights only: no pickled code runs
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing one: the error says enough
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            vectors = torch.load(p, map_location="cpu", weights_only=True)  # weights only: no pickled code runs
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
         raise ValueError(f"{p} cannot be read as an [N, D] tensor ({' '.join(str(err).split())[:200]})") from err
     if not isinstance(vectors, torch.Tensor):

@@ -453,6 +453,7 @@ def evaluate_generated(
     if average_noise_scales is None:
         average_noise_scales = DEFAULT_AVERAGE_NOISE_SCALES if task.average_noise_scales is None else task.average_noise_scales
     noise_scales, average_noise_scales = (sorted({float(s) for s in scales}) for scales in (noise_scales, average_noise_scales))
+    check_report_fits(originals.dim, len(generated) + sum(map(len, (curve or {}).values())), num_noise_models, len(noise_scales) + len(average_noise_scales))
     noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
     if noise_scales:
         noise, noise_base, sigmas = noisy_copies(originals.vectors, originals.layout, noise_scales, num_noise_models, seed=seed, mode=noise_mode)
@@ -481,6 +482,23 @@ def evaluate_generated(
     )
     report.timing.total_seconds = round(time.perf_counter() - started, 4)
     return report
+
+
+def noise_counts(eval_cfg: Mapping[str, Any], num_generated: int) -> tuple[int, int]:
+    """The noise copies per scale and the number of scales a report on a task with `eval_cfg` (`task.eval`) draws."""
+    noise = eval_cfg.get("noise_scales")
+    average = eval_cfg.get("average_noise_scales")
+    num_scales = len(DEFAULT_NOISE_SCALES if noise is None else noise) + len(DEFAULT_AVERAGE_NOISE_SCALES if average is None else average)
+    return int(eval_cfg.get("num_noise_models") or num_generated), num_scales
+
+
+def check_report_fits(dim: int, num_generated: int, num_noise_models: int, num_scales: int, what: str = "",
+                      fix: str = "use fewer networks (pdiff evaluate --num-noise-models, or fewer generated)") -> None:
+    """Refuse a report whose parameter vectors (generated, and every noise scale's copies) cannot fit in memory."""
+    from ..runtime import check_memory
+
+    networks = num_generated + num_noise_models * num_scales
+    check_memory(networks * dim * 4 * 2, what or f"the report's {networks} networks of {dim} parameters ({num_noise_models} per noise scale)", fix)
 
 
 def _score_sets(evaluator: NetworkEvaluator, orig_vectors, generated, noise: dict, noise_base, average_noise: dict, noise_mode: str, curve: dict) -> dict[str, Any]:

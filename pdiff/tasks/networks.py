@@ -103,7 +103,7 @@ def build_network(cfg: Mapping[str, Any], in_channels: int, num_classes: int) ->
         accepted = _parameters(factory)
         defaults = {"in_channels": in_channels, "num_classes": num_classes}
         kwargs = {**{k: v for k, v in defaults.items() if k in accepted and k not in kwargs}, **kwargs}
-        net = factory(**kwargs)
+        net = _construct(factory, kwargs, str(cfg["_target_"]), accepted)
         if not isinstance(net, nn.Module):
             raise NetworkImportError(f"task.network._target_={cfg['_target_']} returned a {type(net).__name__}, not a torch.nn.Module")
         return net
@@ -120,11 +120,22 @@ def import_network(path: str) -> Callable[..., Any]:
         raise NetworkImportError(f"task.network._target_={path!r} is not an import path: use package.module.ClassName")
     try:
         target = _locate(path)
+    except ModuleNotFoundError as err:
+        if err.name and not (module == err.name or module.startswith(err.name + ".")):  # the module is there; something it imports is not
+            raise NetworkImportError(f"cannot import task.network._target_={path}: {module} imports {err.name!r}, which is not installed here; "
+                                     f"install it") from None
+        raise NetworkImportError(
+            f"cannot import task.network._target_={path}: {err}. "
+            f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
+        ) from None
     except (ImportError, AttributeError) as err:
         raise NetworkImportError(
             f"cannot import task.network._target_={path}: {err}. "
             f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
         ) from None
+    except Exception as err:  # the module's own code failed while importing (a syntax error, an exception at import time)
+        raise NetworkImportError(f"importing task.network._target_={path} failed in the module's own code: {type(err).__name__}: {err}; "
+                                 f"fix {module}") from None
     if not callable(target) or (isinstance(target, type) and not issubclass(target, nn.Module)):
         raise NetworkImportError(f"task.network._target_={path} is not a torch.nn.Module class or a function that returns one")
     return target
@@ -147,7 +158,8 @@ def check_network_trust(network_cfg: Mapping[str, Any], source: str, trusted: bo
     module = str(target).rpartition(".")[0]
     raise UntrustedNetworkError(
         f"{source} builds its network with {target}, which would import the module {module!r} and run its code. "
-        "If you trust it, install that module and pass trust_network_code=True (CLI: --trust-network-code)"
+        "If you trust it, install that module and pass trust_network_code=True (CLI: --trust-network-code; pdiff train has no such "
+        "flag: download the repo to a folder, e.g. `hf download REPO --repo-type dataset --local-dir DIR`, and give that folder)"
     )
 
 
@@ -168,6 +180,29 @@ def _locate(path: str) -> Any:
             obj = getattr(obj, attr)
         return obj
     raise ModuleNotFoundError(f"No module named {parts[0]!r}", name=parts[0])
+
+
+def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str, accepted: set[str]) -> Any:
+    """`factory(**kwargs)`, a failure named by the keys the user gave rather than a traceback from their code."""
+    unknown = sorted(set(kwargs) - accepted) if accepted and not _takes_any_keyword(factory) else []
+    if unknown:
+        raise NetworkImportError(f"task.network.{unknown[0]}={kwargs[unknown[0]]}: {path} takes no argument {unknown[0]!r}; "
+                                 f"it takes {', '.join(sorted(accepted))}")
+    try:
+        return factory(**kwargs)
+    except Exception as err:
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise NetworkImportError(f"building task.network._target_={path}({given}) failed: {type(err).__name__}: {err}; "
+                                 "check the task.network.* values") from None
+
+
+def _takes_any_keyword(factory: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return True
 
 
 def _parameters(factory: Callable[..., Any]) -> set[str]:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -79,7 +80,9 @@ def _requested_checkpoint(cfg: DictConfig) -> Path | None:
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     """Restore models, optimizers, LR schedules and EMA from `path`; returns the saved training state."""
     try:
-        accelerator.load_state(str(path))
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it: the error below says enough
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            accelerator.load_state(str(path))
     except pickle.UnpicklingError as err:  # accelerate reads optimizer/scheduler state with torch.load(weights_only=True)
         raise ConfigError(f"{path} holds a file that is not plain tensor state (refused to unpickle it: {str(err).splitlines()[0]}); resume from another checkpoint") from err
     saved = read_json(path / STATE_FILE)
