@@ -42,8 +42,11 @@ def task_of(pipe: PDiffPipeline, data: str | None = None) -> Task:
     if not pipe.target.config.task:
         raise ValueError("this generator stores no task spec, so its networks cannot be evaluated; evaluate them in your own code")
     task = copy.deepcopy(dict(pipe.target.config.task))
+    source = task["data"].get("source")
+    if data and source not in ("hub", "torchvision"):
+        raise ValueError(f"--data {data}: this generator's task reads its data from {source!r}, not from a folder or Hub id; drop --data")
     if data:
-        task["data"]["name" if task["data"].get("source") == "hub" else "root"] = data
+        task["data"]["name" if source == "hub" else "root"] = data
     return Task(task)
 
 

@@ -198,3 +198,16 @@ def test_eta_from_the_command_line(generator, digits_params, tmp_path, capsys):
                 "--curve-temperatures", "0.5", "2", "--curve-num-models", "3", "--noise-scales", "4", "--num-noise-models", "3", "--no-plots"]) == 0
     report = Report.load(tmp_path / "eval")
     assert report.curve[0].scale == 0.5 and report.curve[0].networks["nearest_original_l2"] == report.generated.networks["nearest_original_l2"]
+
+
+def test_options_a_sample_would_ignore_are_refused(generator, tmp_path, capsys):
+    """--steps past the training timesteps, --revision for a local folder, --data for a task that reads no folder:
+    each refused by name, before sampling, with nothing written."""
+    _, folder = generator
+    base = ["sample", "--model", str(folder), "--num-models", "2", "--out", str(tmp_path / "s")]
+    for extra, message in ((["--steps", "5000"], "--steps 5000: use 1 to 1000"),
+                           (["--revision", "main"], "--revision main picks a Hub revision; --model"),
+                           (["--data", str(tmp_path)], "this generator's task reads its data from 'digits'")):
+        assert cli([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> None:
     from ..io import check_apart, check_output_dir, output_lock
 
     out = Path(args.out)
+    if args.revision and Path(args.model).is_dir():
+        raise ValueError(f"--revision {args.revision} picks a Hub revision; --model {args.model} is a local folder: drop --revision")
     if args.dataset and not args.evaluate:
         raise ValueError("--dataset is read by --evaluate only: add --evaluate for the full report, or drop --dataset")
     if args.eta and args.sampler == "ddpm":
@@ -66,6 +68,8 @@ def sample(args: argparse.Namespace, out: Path, report_dir: Path) -> None:
 
     started = time.perf_counter()
     pipe = load_generator(args.model, args.device, args.dtype, args.sampler, args.revision, args.trust_network_code)
+    if args.data:
+        task_of(pipe, args.data)  # refuses --data for a task that reads no folder, before sampling
     timesteps = pipe.scheduler.config.num_train_timesteps
     if args.steps is not None and args.steps > timesteps:
         raise ValueError(f"--steps {args.steps}: use 1 to {timesteps}, the timesteps this generator was trained on")
