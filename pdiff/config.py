@@ -211,8 +211,7 @@ def validate(cfg: Any, schema: type = Config, prefix: str = "") -> None:
     known = [f.name for f in dataclasses.fields(schema)]
     for name in cfg:  # `+key=...` adds keys Hydra's struct mode would refuse: the schema refuses them too
         if name not in known:
-            where = f"under `{prefix.rstrip('.')}`" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key `{prefix}{name}`: {where} there is no `{name}`. Known keys {where}: {', '.join(sorted(known))}.")
+            raise ConfigError(_unknown_key(f"{prefix}{name}", prefix.rstrip("."), name, known))
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         if f.name not in cfg:
@@ -387,10 +386,12 @@ def _explain(err: Exception, config_dir: Path, config_name: str) -> str:
     depth = 0  # walk down to the first part that does not exist
     while depth < len(parts) - 1 and isinstance(node.get(parts[depth]), DictConfig):
         node, depth = node[parts[depth]], depth + 1
-    parent = ".".join(parts[:depth])
+    return _unknown_key(key, ".".join(parts[:depth]), parts[depth], node.keys())
+
+
+def _unknown_key(key: str, parent: str, missing: str, known) -> str:
     where = f"under `{parent}`" if parent else "at the top level"
-    known = ", ".join(sorted(map(str, node.keys())))
-    return f"unknown config key `{key}`: {where} there is no `{parts[depth]}`. Known keys {where}: {known}."
+    return f"unknown config key `{key}`: {where} there is no `{missing}`. Known keys {where}: {', '.join(sorted(map(str, known)))}."
 
 
 def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:

@@ -42,9 +42,9 @@ from omegaconf import DictConfig, open_dict
 from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
-from pdiff.evaluation.report import check_report_fits, noise_counts
 from pdiff.evaluation.metrics import nearest_other_l2
 from pdiff.evaluation.render import format_summary
+from pdiff.evaluation.report import check_report_fits, noise_counts
 from pdiff.io import atomic_directory, output_lock, read_json, write_json
 from pdiff.models import AUTOENCODER_CLASSES, ParameterAutoencoder, ParameterCodec, TargetNetwork, TokenAutoencoder, UNet1DModel, autoencoder_from_config, build_unet
 from pdiff.pipelines import PDiffPipeline
