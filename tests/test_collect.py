@@ -18,6 +18,7 @@ from pdiff.evaluation import evaluate_network
 from pdiff.config import ConfigError
 
 from conftest import REPO_ROOT, collect_dataset
+from ports import free_port
 
 # A few seconds per collection: a briefly trained base network and a handful of checkpoints.
 TINY = ["task.base.epochs=2", "task.param.k=4", "task.param.warmup_steps=2", "cpu=true"]
@@ -81,7 +82,7 @@ def test_two_processes_under_accelerate_share_the_trajectories(tmp_path):
 
     def collect(out: Path, *overrides: str, processes: int = 2) -> ParameterDataset:
         cmd = ([str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "-m", "pdiff.collect"] if processes > 1 else [sys.executable, "-m", "pdiff.collect"])
+                "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "pdiff.collect"] if processes > 1 else [sys.executable, "-m", "pdiff.collect"])
         result = subprocess.run([*cmd, f"output_dir={out}", *TINY, *overrides], cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from ports import free_port, port_in_use
 
 LAUNCH = REPO_ROOT / "launch"
 LAUNCHERS = sorted(p.name for p in LAUNCH.glob("*.sh") if p.name != "common.sh")
@@ -52,17 +52,6 @@ def flag(argv: list[str], name: str) -> str:
     """The value after `name` in argv (exactly once)."""
     assert argv.count(name) == 1, f"{name} appears {argv.count(name)} times in {argv}"
     return argv[argv.index(name) + 1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 # -- every launcher ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import reset_accelerator_state
+from ports import free_port
 from pdiff.config import ConfigError, load_config
 from pdiff.evaluation import Report
 from pdiff.train import main
@@ -141,7 +142,7 @@ def wandb_logged(path: Path, keys: set[str]) -> set[str]:
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, digits_params):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29631",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "pdiff" / "train.py"), f"output_dir={tmp_path}", f"dataset_dir={digits_params}", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
