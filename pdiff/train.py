@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> Report | None:
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file otherwise
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = load_config(argv)
-    check_environment(cfg)
+    check_environment(cfg, argv)
     accelerator = make_accelerator(cfg)
     dataset, task = load_parameter_dataset(cfg, argv)  # read and checked before anything is written
     lock = output_lock(cfg.output_dir, "train") if accelerator.is_main_process else contextlib.nullcontext()
@@ -147,8 +147,8 @@ def train(cfg: DictConfig, accelerator: Accelerator, dataset: ParameterDataset, 
 # -- set-up -----------------------------------------------------------------------------------------
 
 
-def check_environment(cfg: DictConfig) -> None:
-    """What the schema cannot know: this machine's devices and combinations of keys."""
+def check_environment(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """What the schema cannot know: this machine's devices, combinations of keys, overrides that would be ignored."""
     t = cfg.train
     precision = mixed_precision(cfg)
     if precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
@@ -160,8 +160,22 @@ def check_environment(cfg: DictConfig) -> None:
     if t.autoencoder_path and not (Path(t.autoencoder_path) / "config.json").is_file():
         raise ConfigError(f"train.autoencoder_path={t.autoencoder_path} holds no saved autoencoder (config.json is missing): "
                           "give a training run's autoencoder/ folder")
+    if t.autoencoder_path:
+        check_saved_autoencoder_agrees(cfg, overrides)
     if cfg.hub.push_to_hub and not cfg.hub.model_id:
         raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
+
+
+def check_saved_autoencoder_agrees(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A saved autoencoder is rebuilt from its own config.json: a `generator.autoencoder.*` override that says
+    otherwise would be ignored silently, so it is refused (one that agrees, as when a command is reused, is fine)."""
+    saved = read_json(Path(cfg.train.autoencoder_path) / "config.json")
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        name = key.removeprefix("generator.autoencoder.")
+        if key.startswith("generator.autoencoder.") and name in saved and to_dict(cfg.generator.autoencoder).get(name) != saved[name]:
+            raise ConfigError(f"{override} contradicts the saved autoencoder in train.autoencoder_path={cfg.train.autoencoder_path} ({name}={saved[name]}), "
+                              f"which is loaded as it was saved: drop {key}, or train a new autoencoder (no train.autoencoder_path)")
 
 
 def training_device(cfg: DictConfig) -> torch.device:

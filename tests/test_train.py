@@ -269,6 +269,9 @@ def test_phases_run_alone_from_a_saved_autoencoder(tmp_path, digits_params):
     assert sorted(losses(tmp_path / "diffusion")) == list(range(1, 7))  # diffusion steps only
     with pytest.raises(ConfigError, match="autoencoder_path"):
         run_train(tmp_path / "nothing", digits_params, "train.phase=diffusion")
+    # The same overrides as the saved one's (TINY's channels) are fine; one it contradicts would be ignored, so it is refused.
+    with pytest.raises(ConfigError, match=r"generator.autoencoder.latent_channels=8 contradicts the saved autoencoder .* \(latent_channels=4\)"):
+        run_train(tmp_path / "contradicts", digits_params, "train.phase=diffusion", f"train.autoencoder_path={saved}", "generator.autoencoder.latent_channels=8")
 
 
 @pytest.mark.parametrize("resume_at", [6, 9])  # at the autoencoder/diffusion boundary, inside diffusion
