@@ -31,6 +31,7 @@ if __name__ == "__main__":
     if __package__ in (None, ""):  # `accelerate launch pdiff/collect.py` puts pdiff/ itself on sys.path
         sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import huggingface_hub.constants
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -194,6 +195,8 @@ def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
         raise ConfigError(f"task.param.k={k} is smaller than {named}: every trajectory needs at least one checkpoint")
     if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
         raise ConfigError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
+    if cfg.hub.push_to_hub and huggingface_hub.constants.is_offline_mode():
+        raise ConfigError("hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1): unset it, or push the dataset later")
     check_output_dir(cfg.dataset_dir, bool(cfg.overwrite), "parameter dataset")
     if cfg.task.network.get("_target_"):  # the user named it: import it now, before the data is loaded
         import_network(str(cfg.task.network._target_))

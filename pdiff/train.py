@@ -29,6 +29,7 @@ if __name__ == "__main__":
     if __package__ in (None, ""):  # `accelerate launch pdiff/train.py` puts pdiff/ itself on sys.path
         sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import huggingface_hub.constants
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -164,6 +165,8 @@ def check_environment(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         check_saved_autoencoder_agrees(cfg, overrides)
     if cfg.hub.push_to_hub and not cfg.hub.model_id:
         raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
+    if cfg.hub.push_to_hub and huggingface_hub.constants.is_offline_mode():
+        raise ConfigError("hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1): unset it, or push the generator later")
 
 
 def check_saved_autoencoder_agrees(cfg: DictConfig, overrides: Sequence[str]) -> None:

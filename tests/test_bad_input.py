@@ -89,6 +89,7 @@ CONFIG_CASES = [
 
     ("collect task.param.k=100000000 output_dir={tmp}/c", "task.param.k=100000000 checkpoints of 778 parameters need 622 GB"),
     ("run task.param.k=1 output_dir={tmp}/r", "task.param.k=1: a generator needs at least 2 checkpoints"),
+    ("train hub.push_to_hub=true hub.model_id=user/name", "hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1)"),
 ]
 
 FILE_CASES = [
@@ -132,6 +133,8 @@ FILE_CASES = [
     ("bench --workdir {tmp}/file.txt", "{tmp}/file.txt is a file, not a folder"),
     ("import-checkpoints --from {tmp}/empty task=digits output_dir={tmp}/imp", "--from {tmp}/empty is a folder; pass its checkpoint files"),
     ("train cpu=true dataset_dir={tmp}/no_version output_dir={tmp}/out", "pdiff_dataset.json is damaged: it holds no format_version"),
+    ("train cpu=true dataset_dir={data} output_dir={tmp}/out train.resume_from_checkpoint={tmp}/none",
+     "train.resume_from_checkpoint={tmp}/none: no such folder"),
 ]
 
 PARSER_CASES = [  # refused by argparse itself: exit 2 and a usage line
@@ -147,6 +150,7 @@ PARSER_CASES = [  # refused by argparse itself: exit 2 and a usage line
     ("sample --model m --out o key=value", "unrecognized arguments: key=value"),
     ("collect --no-such-flag", "unrecognized arguments: --no-such-flag"),
     ("sweep configs/sweeps/noise_grid.yaml --local --count 0", "--count: 0 is not a positive integer"),
+    ("sample --model m --out o --seed 18446744073709551616", "--seed: 18446744073709551616 is not a seed from 0 to 4294967295"),
 ]
 
 

@@ -117,3 +117,19 @@ def test_checkpoints_at_chance_on_the_named_task_get_a_note(originals, capsys):
                                               {**originals.info, "num_classes": 10})
     warn_at_chance(at_chance, "fashion_mnist")
     assert "note: the checkpoints score 0.100 on task fashion_mnist's validation split, about chance (0.10)" in capsys.readouterr().err
+
+
+def test_one_checkpoint_given_twice_is_refused(checkpoint_dir):
+    """Twice the same file would look like two checkpoints that agree exactly."""
+    one = str(checkpoint_dir / "run-000.safetensors")
+    with pytest.raises(CheckpointError, match="run-000.safetensors is given twice"):
+        from_checkpoints.checkpoint_files([one, str(checkpoint_dir / "run-00*.safetensors")])
+
+
+def test_a_file_as_the_score_cache_is_named(tmp_path, monkeypatch):
+    from pdiff.evaluation.cache import cache_root
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PDIFF_CACHE", str(tmp_path / "file"))
+    with pytest.raises(NotADirectoryError, match="PDIFF_CACHE=.*file is a file: point it at a folder"):
+        cache_root()

@@ -110,8 +110,12 @@ def test_default_steps_and_argument_errors(dataset, pipe):
     ddpm(num_models=2, generator=torch.Generator().manual_seed(0))
     handle.remove()
     assert len(calls) == 20  # DDPM defaults to every training timestep
-    with pytest.raises(ValueError, match="num_models"):
-        pipe(num_models=0)
+    for bad in (0, 2.5, "4", True):
+        with pytest.raises(ValueError, match="num_models must be a positive integer"):
+            pipe(num_models=bad)
+    for name in ("", None, 3):  # not the current folder, nor a Hub repo called "None"
+        with pytest.raises(ValueError, match="give a generator folder or a Hub repo id"):
+            PDiffPipeline.from_pretrained(name)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(num_models=2, latents=torch.zeros(3, *pipe.autoencoder.latent_shape))
     # Given latents replace the seeded noise: the same latents give the same networks.

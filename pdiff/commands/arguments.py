@@ -24,6 +24,14 @@ def non_empty_path(text: str) -> str:
     return text
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed from 0 to 2**32 - 1, the range numpy and the config's `seed` take."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to 4294967295")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         return float(text)

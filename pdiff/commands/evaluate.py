@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import add_trust_flag, non_empty_path, non_negative_float, positive_float, positive_int
+from .arguments import add_trust_flag, non_empty_path, non_negative_float, positive_float, positive_int, seed
 
 CURVE_TEMPERATURES = (0.5, 0.75, 1.0, 1.25)
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scales of the weight average plus noise (default: the task's eval.average_noise_scales, else 1 2 4; none given: left out)")
     p.add_argument("--noise-mode", choices=("spread", "absolute"), default="spread", help="spread: scale x each tensor's std across the checkpoints; absolute: the scale is the std")
     p.add_argument("--num-noise-models", type=positive_int, default=None, help="networks per noise scale (default: the task's eval.num_noise_models, else as many as generated)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise baseline")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the noise baseline")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the task's eval.batch_size)")
     p.add_argument("--networks-per-chunk", type=positive_int, default=None, help="networks scored together (default: sized from free memory)")
     p.add_argument("--curve-model", default=None, help="a generator (folder or Hub id) whose accuracy-novelty curve to add: sampled at each --curve-temperatures")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import add_trust_flag, non_empty_path, positive_float, positive_int, unit_interval
+from .arguments import add_trust_flag, non_empty_path, positive_float, positive_int, seed, unit_interval
 
 if TYPE_CHECKING:
     from ..data import ParameterDataset
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("safetensors", "dataset"), default="safetensors", help="one safetensors state dict per network, or a parameter dataset like `pdiff collect` writes")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the steps the generator was validated with)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="override the generator's scheduler")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--temperature", type=positive_float, default=None,
                    help="scale of the starting noise (default: the generator's, from training): below 1 nearer the networks the generator saw most "
                         "(less novel), above 1 further out")

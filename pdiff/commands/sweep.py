@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..sweeps.files import DEFAULT_METRICS_FILE
-from .arguments import add_overrides, positive_int
+from .arguments import add_overrides, positive_int, seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the trials' commands without running them")
     p.add_argument("--state", default=None, help="local sweep state file (default outputs/sweeps/local/<name>.json)")
     p.add_argument("--metrics-file", default=DEFAULT_METRICS_FILE, help="a trial's JSON report; {key} = its config's top-level keys")
-    p.add_argument("--seed", type=int, default=0, help="seed of the local engine's proposals")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the local engine's proposals")
     add_overrides(p)
 
 

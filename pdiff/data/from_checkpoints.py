@@ -56,6 +56,9 @@ def checkpoint_files(sources: Sequence[str], revision: str | None = None) -> lis
             raise CheckpointError(f"--from {source} is a folder; pass its checkpoint files, e.g. --from '{source.rstrip('/')}/*.safetensors'")
         else:
             files.append(_hub_checkpoint(source, revision))
+    repeated = next((p for i, p in enumerate(files) if p.resolve() in {q.resolve() for q in files[:i]}), None)
+    if repeated is not None:  # one checkpoint twice would look like two that agree
+        raise CheckpointError(f"{repeated} is given twice (--from lists it, or globs that overlap match it): give each checkpoint once")
     return files
 
 

@@ -32,6 +32,8 @@ def cache_root() -> Path | None:
     if configured and configured.lower() in ("off", "0", "false", "none"):
         return None
     if configured:
+        if Path(configured).expanduser().is_file():
+            raise NotADirectoryError(f"PDIFF_CACHE={configured} is a file: point it at a folder (or PDIFF_CACHE=off)")
         return Path(configured).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pdiff"
 

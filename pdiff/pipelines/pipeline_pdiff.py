@@ -83,6 +83,8 @@ class PDiffPipeline(DiffusionPipeline):
         diffusers' loader. A Hub generator whose network is user code (`_target_` outside pdiff and
         torchvision) loads only with `trust_network_code=True`, since that imports the module it names.
         """
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)) or not str(pretrained_model_name_or_path).strip():
+            raise ValueError(f"pretrained_model_name_or_path={pretrained_model_name_or_path!r}: give a generator folder or a Hub repo id")
         for unsafe in ("custom_pipeline", "trust_remote_code", "custom_revision"):
             if kwargs.pop(unsafe, None):
                 raise ValueError(f"PDiffPipeline.from_pretrained does not take {unsafe}=: a pdiff generator never runs code from its repository")
@@ -129,8 +131,8 @@ class PDiffPipeline(DiffusionPipeline):
         the latents, the scheduler's arithmetic and the decoding stay float32, so a bf16 run starts from
         the same noise as a float32 one and only the UNet's outputs are rounded.
         """
-        if num_models < 1:
-            raise ValueError(f"num_models must be positive, got {num_models}")
+        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"num_models must be a positive integer, got {num_models!r}")
         temperature = self.default_temperature if temperature is None else temperature
         if not (0 < temperature < float("inf")):
             raise ValueError(f"temperature={temperature}: use a positive number (1 samples as trained)")

@@ -72,6 +72,8 @@ def _requested_checkpoint(cfg: DictConfig) -> Path | None:
             return None
         return found[-1]
     path = Path(target)
+    if not path.exists():
+        raise FileNotFoundError(f"train.resume_from_checkpoint={target}: no such folder; give a checkpoint-N folder of a run, or latest")
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete pdiff checkpoint ({STATE_FILE} missing)")
     return path
