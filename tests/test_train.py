@@ -44,6 +44,17 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """A fixed thread count: the resume tests compare weights bit for bit, and pdiff would otherwise follow the load
+    of whatever runs beside it (another test file, under xdist) and change the order of its float reductions."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_train(out: Path, dataset: Path, *overrides: str) -> Report | None:
     return main([f"output_dir={out}", f"dataset_dir={dataset}", *TINY, *overrides])
 
