@@ -31,7 +31,6 @@ if __name__ == "__main__":
     if __package__ in (None, ""):  # `accelerate launch pdiff/collect.py` puts pdiff/ itself on sys.path
         sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import huggingface_hub.constants
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -42,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pdiff.config import ConfigError, load_config, to_dict
+from pdiff import hub
 from pdiff.data import ParameterDataset
 from pdiff.evaluation.scoring import score_columns
 from pdiff.io import check_output_dir, output_lock
@@ -193,10 +193,7 @@ def check_request(cfg: DictConfig, accelerator: Accelerator) -> None:
     if k < count:  # checked on every rank alike, so none is left waiting for the others
         named = f"task.param.trajectories={count}" if cfg.task.param.get("trajectories") else f"the number of processes ({count})"
         raise ConfigError(f"task.param.k={k} is smaller than {named}: every trajectory needs at least one checkpoint")
-    if cfg.hub.push_to_hub and not cfg.hub.dataset_id:
-        raise ConfigError("hub.push_to_hub=true needs hub.dataset_id=<user>/<name>")
-    if cfg.hub.push_to_hub and huggingface_hub.constants.is_offline_mode():
-        raise ConfigError("hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1): unset it, or push the dataset later")
+    hub.check_push(cfg.hub, "dataset_id", "dataset")
     check_output_dir(cfg.dataset_dir, bool(cfg.overwrite), "parameter dataset")
     if cfg.task.network.get("_target_"):  # the user named it: import it now, before the data is loaded
         import_network(str(cfg.task.network._target_))

@@ -22,6 +22,20 @@ GENERATOR_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]
 DATASET_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.parquet", "*.arrow", "README.md"]
 
 
+def check_push(hub_cfg: Any, repo_key: str, what: str) -> None:
+    """Refuse before any work a `hub.push_to_hub=true` that could not upload: no repo id, or offline mode."""
+    from huggingface_hub import constants
+
+    from .config import ConfigError
+
+    if not hub_cfg.push_to_hub:
+        return
+    if not hub_cfg.get(repo_key):
+        raise ConfigError(f"hub.push_to_hub=true needs hub.{repo_key}=<user>/<name>")
+    if constants.is_offline_mode():
+        raise ConfigError(f"hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1): unset it, or push the {what} later")
+
+
 def looks_like_path(name: str) -> bool:
     """A name that can only be a local path (so a missing folder is not looked up on the Hub)."""
     return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1 or Path(name).is_absolute()

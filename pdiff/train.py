@@ -29,7 +29,6 @@ if __name__ == "__main__":
     if __package__ in (None, ""):  # `accelerate launch pdiff/train.py` puts pdiff/ itself on sys.path
         sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import huggingface_hub.constants
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -41,6 +40,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, open_dict
 
 from pdiff.config import ConfigError, flatten, load_config, task_of_dataset, to_dict
+from pdiff import hub
 from pdiff.data import ParameterDataset
 from pdiff.evaluation import REPORT_FILE, Report, evaluate_and_write
 from pdiff.evaluation.metrics import nearest_other_l2
@@ -163,10 +163,7 @@ def check_environment(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
                           "give a training run's autoencoder/ folder")
     if t.autoencoder_path:
         check_saved_autoencoder_agrees(cfg, overrides)
-    if cfg.hub.push_to_hub and not cfg.hub.model_id:
-        raise ConfigError("hub.push_to_hub=true needs hub.model_id=<user>/<name>")
-    if cfg.hub.push_to_hub and huggingface_hub.constants.is_offline_mode():
-        raise ConfigError("hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1): unset it, or push the generator later")
+    hub.check_push(cfg.hub, "model_id", "generator")
 
 
 def check_saved_autoencoder_agrees(cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -448,11 +448,8 @@ def evaluate_generated(
     generated = as_vectors(generated, originals)
     task = task or originals.task
     num_noise_models = num_noise_models or task.num_noise_models or len(generated)
-    if noise_scales is None:
-        noise_scales = DEFAULT_NOISE_SCALES if task.noise_scales is None else task.noise_scales
-    if average_noise_scales is None:
-        average_noise_scales = DEFAULT_AVERAGE_NOISE_SCALES if task.average_noise_scales is None else task.average_noise_scales
-    noise_scales, average_noise_scales = (sorted({float(s) for s in scales}) for scales in (noise_scales, average_noise_scales))
+    noise_scales, average_noise_scales = report_scales(task.noise_scales if noise_scales is None else noise_scales,
+                                                       task.average_noise_scales if average_noise_scales is None else average_noise_scales)
     check_report_fits(originals.dim, len(generated) + sum(map(len, (curve or {}).values())), num_noise_models, len(noise_scales) + len(average_noise_scales))
     noise, noise_base, sigmas = {}, torch.zeros(0, dtype=torch.long), None
     if noise_scales:
@@ -484,12 +481,16 @@ def evaluate_generated(
     return report
 
 
+def report_scales(noise_scales: Sequence[float] | None, average_noise_scales: Sequence[float] | None) -> tuple[list[float], list[float]]:
+    """Both noise baselines' scales, sorted and distinct; None: the defaults, `()`: the baseline left out."""
+    return tuple(sorted({float(s) for s in (default if scales is None else scales)})
+                 for scales, default in ((noise_scales, DEFAULT_NOISE_SCALES), (average_noise_scales, DEFAULT_AVERAGE_NOISE_SCALES)))
+
+
 def noise_counts(eval_cfg: Mapping[str, Any], num_generated: int) -> tuple[int, int]:
     """The noise copies per scale and the number of scales a report on a task with `eval_cfg` (`task.eval`) draws."""
-    noise = eval_cfg.get("noise_scales")
-    average = eval_cfg.get("average_noise_scales")
-    num_scales = len(DEFAULT_NOISE_SCALES if noise is None else noise) + len(DEFAULT_AVERAGE_NOISE_SCALES if average is None else average)
-    return int(eval_cfg.get("num_noise_models") or num_generated), num_scales
+    noise, average = report_scales(eval_cfg.get("noise_scales"), eval_cfg.get("average_noise_scales"))
+    return int(eval_cfg.get("num_noise_models") or num_generated), len(noise) + len(average)
 
 
 def check_report_fits(dim: int, num_generated: int, num_noise_models: int, num_scales: int, what: str = "",

@@ -100,10 +100,10 @@ def build_network(cfg: Mapping[str, Any], in_channels: int, num_classes: int) ->
             raise ValueError(f"task.network names both name={cfg['name']!r} and _target_={cfg['_target_']!r}: "
                              "start from task=custom (no built-in network), or drop the other with task.network.name=null")
         factory = import_network(str(cfg["_target_"]))
-        accepted = _parameters(factory)
+        accepted, takes_any = _parameters(factory)
         defaults = {"in_channels": in_channels, "num_classes": num_classes}
         kwargs = {**{k: v for k, v in defaults.items() if k in accepted and k not in kwargs}, **kwargs}
-        net = _construct(factory, kwargs, str(cfg["_target_"]), accepted)
+        net = _construct(factory, kwargs, str(cfg["_target_"]), None if takes_any or not accepted else accepted)
         if not isinstance(net, nn.Module):
             raise NetworkImportError(f"task.network._target_={cfg['_target_']} returned a {type(net).__name__}, not a torch.nn.Module")
         return net
@@ -120,15 +120,11 @@ def import_network(path: str) -> Callable[..., Any]:
         raise NetworkImportError(f"task.network._target_={path!r} is not an import path: use package.module.ClassName")
     try:
         target = _locate(path)
-    except ModuleNotFoundError as err:
-        if err.name and not (module == err.name or module.startswith(err.name + ".")):  # the module is there; something it imports is not
-            raise NetworkImportError(f"cannot import task.network._target_={path}: {module} imports {err.name!r}, which is not installed here; "
-                                     f"install it") from None
-        raise NetworkImportError(
-            f"cannot import task.network._target_={path}: {err}. "
-            f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
-        ) from None
     except (ImportError, AttributeError) as err:
+        missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+        if missing and not (module == missing or module.startswith(missing + ".")):  # the module is there; something it imports is not
+            raise NetworkImportError(f"cannot import task.network._target_={path}: {module} imports {missing!r}, which is not installed here; "
+                                     f"install it") from None
         raise NetworkImportError(
             f"cannot import task.network._target_={path}: {err}. "
             f"Install the package that provides {module}, or put the folder that holds it on PYTHONPATH"
@@ -182,9 +178,10 @@ def _locate(path: str) -> Any:
     raise ModuleNotFoundError(f"No module named {parts[0]!r}", name=parts[0])
 
 
-def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str, accepted: set[str]) -> Any:
-    """`factory(**kwargs)`, a failure named by the keys the user gave rather than a traceback from their code."""
-    unknown = sorted(set(kwargs) - accepted) if accepted and not _takes_any_keyword(factory) else []
+def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str, accepted: set[str] | None) -> Any:
+    """`factory(**kwargs)`, a failure named by the keys the user gave rather than a traceback from their code.
+    `accepted`: the keyword arguments it takes (None: any, or unknown)."""
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
     if unknown:
         raise NetworkImportError(f"task.network.{unknown[0]}={kwargs[unknown[0]]}: {path} takes no argument {unknown[0]!r}; "
                                  f"it takes {', '.join(sorted(accepted))}")
@@ -196,22 +193,15 @@ def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str, a
                                  "check the task.network.* values") from None
 
 
-def _takes_any_keyword(factory: Callable[..., Any]) -> bool:
-    import inspect
-
-    try:
-        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):
-        return True
-
-
-def _parameters(factory: Callable[..., Any]) -> set[str]:
+def _parameters(factory: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The factory's named parameters, and whether it also takes any keyword (`**kwargs`; assumed when its
+    signature cannot be read)."""
     import inspect
 
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
-        return set()
+        return set(), True
     # Only named parameters count: what a **kwargs catch-all accepts cannot be known (torchvision's
     # model functions forward it), so nothing is filled in through it.
-    return {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    return {p.name for p in params if p.kind is not p.VAR_KEYWORD}, any(p.kind is p.VAR_KEYWORD for p in params)
