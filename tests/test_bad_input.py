@@ -86,7 +86,6 @@ CONFIG_CASES = [
     ("train generator.num_inference_steps=5000", "generator.num_inference_steps=5000: at most generator.scheduler.num_train_timesteps=1000"),
     ("collect output_dir=", "output_dir is empty: give a folder"),
     ("train train.autoencoder_path={tmp}/empty", "train.autoencoder_path={tmp}/empty holds no saved autoencoder (config.json is missing)"),
-
     ("collect task.param.k=100000000 output_dir={tmp}/c", "task.param.k=100000000 checkpoints of 778 parameters need 622 GB"),
     ("run task.param.k=1 output_dir={tmp}/r", "task.param.k=1: a generator needs at least 2 checkpoints"),
     ("train hub.push_to_hub=true hub.model_id=user/name", "hub.push_to_hub=true cannot upload in offline mode (HF_HUB_OFFLINE=1)"),
